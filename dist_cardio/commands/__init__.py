@@ -1,0 +1,1 @@
+"""One module per `dist-cardio` subcommand: `configure(parser)` and `run(args) -> int`."""
