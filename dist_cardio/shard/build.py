@@ -1,0 +1,337 @@
+"""``shard_inputs``: images from folders and archives → deduplicated, incremental WebDataset shards.
+
+Hashing, validation and any re-encoding run in a process pool; results come back in input order and the
+main process alone writes tars, so the same inputs always give the same shards. Content already in
+the set (from ``samples.jsonl`` of earlier runs) is recognised by hash in the worker before any decode,
+so re-running on the same archive costs a read and a hash per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from dist_cardio.shard.imagecheck import BadImage, ImageInfo, inspect_image, open_image
+from dist_cardio.shard.labels import label_source
+from dist_cardio.shard.manifest import ShardSet, ShardSetError
+from dist_cardio.shard.sources import ArchiveLimits, Candidate, Skipped, human_size, iter_inputs
+from dist_cardio.shard.writer import ShardWriter
+
+MB = 1_000_000
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How ``dist-cardio shard`` packs images (CLI flags for the common fields, ``--set`` for all)."""
+
+    prefix: str = "shard"
+    """Shard file names: ``{prefix}-{n:06d}.tar``."""
+    max_size_mb: float = 1000.0
+    """Upper bound on a shard's size (a single larger sample still gets a shard of its own)."""
+    max_count: int = 10_000
+    """Upper bound on samples per shard."""
+    max_side: int | None = None
+    """Store a training-resolution copy: long side at most this many pixels (JPEG stays JPEG q90, PNG stays PNG)."""
+    labels: str | None = None
+    """``folders`` (class = parent folder) or a CSV ``path,label[,extra → meta]``; None: unlabeled."""
+    workers: int = 0
+    """Processes for hashing/validation/conversion; 0 = one per CPU core (at most 8), 1 = in this process."""
+    jpeg_quality: int = 90
+    """Quality of re-encoded JPEGs (only with ``max_side``)."""
+    max_member_mb: float = 256.0
+    """Largest file read, archive member or plain file."""
+    max_total_gb: float = 1024.0
+    """Most decompressed bytes read from one input (all its nested archives together)."""
+    max_ratio: float = 100.0
+    """Zip members expanding more than this (and beyond 1 MB) are refused as likely zip bombs."""
+    max_depth: int = 3
+    """Deepest archive nesting read (an archive in a folder is depth 1)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.prefix):
+            raise ValueError(f"prefix {self.prefix!r}: use letters, digits, '_', '-', '.' (not starting with '.')")
+        if self.max_size_mb <= 0 or self.max_member_mb <= 0 or self.max_total_gb <= 0:
+            raise ValueError("max_size_mb, max_member_mb and max_total_gb must be > 0")
+        if self.max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {self.max_count}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be >= 16 pixels, got {self.max_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.max_ratio < 1 or self.max_depth < 1:
+            raise ValueError("max_ratio and max_depth must be >= 1")
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or min(8, os.cpu_count() or 1)
+
+    @property
+    def limits(self) -> ArchiveLimits:
+        return ArchiveLimits(
+            max_member_bytes=int(self.max_member_mb * MB),
+            max_total_bytes=int(self.max_total_gb * 1000 * MB),
+            max_ratio=self.max_ratio,
+            max_depth=self.max_depth,
+        )
+
+
+# --- per image, in worker processes ------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Task:
+    file: str | None
+    data: bytes | None
+    max_bytes: int
+    max_side: int | None
+    quality: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A valid image ready to write: ``payload`` in format ``ext`` (jpg/png) at ``size``."""
+
+    key: str
+    sha256: str
+    ext: str
+    payload: bytes
+    original_size: tuple[int, int]
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Known:
+    """Content already in the shard set when the run started."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+
+
+_known_keys: frozenset[str] = frozenset()
+
+
+def _init_worker(known: frozenset[str]) -> None:
+    global _known_keys
+    _known_keys = known
+
+
+def _read_file(path: str, max_bytes: int) -> bytes:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise BadImage(f"file too large: {human_size(size)} > {human_size(max_bytes)} limit")
+        return f.read()
+
+
+def prepare(task: _Task) -> Prepared | Known | Rejected:
+    """Read, hash, validate and (if needed) re-encode one image."""
+    try:
+        data = task.data if task.data is not None else _read_file(task.file, task.max_bytes)
+    except OSError as e:
+        return Rejected(f"unreadable: {e.strerror or type(e).__name__}")
+    except BadImage as e:
+        return Rejected(str(e))
+    digest = hashlib.sha256(data).hexdigest()
+    key = digest[:32]
+    if key in _known_keys:
+        return Known(key)
+    try:
+        info = inspect_image(data)
+        ext, payload, size = _encode(data, info, task.max_side, task.quality)
+    except BadImage as e:
+        return Rejected(str(e))
+    except Exception as e:  # a decoder failure while re-encoding: the image is unusable either way
+        return Rejected(f"undecodable {type(e).__name__}: {e}")
+    return Prepared(key, digest, ext, payload, info.size, size)
+
+
+def _encode(data: bytes, info: ImageInfo, max_side: int | None, quality: int) -> tuple[str, bytes, tuple[int, int]]:
+    """JPEG/PNG bytes unchanged unless larger than ``max_side``; anything else converted once to PNG."""
+    w, h = info.size
+    scale = max_side / max(w, h) if max_side and max(w, h) > max_side else None
+    if info.family and scale is None:
+        return info.family, data, info.size
+    image = open_image(data)
+    target = (w, h) if scale is None else (max(1, round(w * scale)), max(1, round(h * scale)))
+    # Keep only the EXIF orientation: loaders that honour it see the same picture as from the original,
+    # and the rest of EXIF (thumbnails, dates, GPS) stays out of the training copy.
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1) if info.family == "jpg" else 1
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[EXIF_ORIENTATION] = orientation
+    if info.family == "jpg":
+        image.draft(None, target)  # DCT-domain downscale to >= target: most of the work skipped
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+        has_alpha = image.mode in ("PA", "RGBa") or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha and info.family != "jpg" else ("L" if image.mode == "1" else "RGB"))
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buf = io.BytesIO()
+    if info.family == "jpg":
+        image.save(buf, format="JPEG", quality=quality, exif=exif)
+        return "jpg", buf.getvalue(), image.size
+    image.save(buf, format="PNG")
+    return "png", buf.getvalue(), image.size
+
+
+def _ordered_results(
+    items: Iterable[Candidate | Skipped], cfg: ShardConfig, known: frozenset[str]
+) -> Iterator[tuple[Candidate | Skipped, Prepared | Known | Rejected | None]]:
+    """(item, result) in input order; at most a few tasks per worker in flight, so memory stays bounded."""
+
+    max_member = cfg.limits.max_member_bytes
+
+    def task(c: Candidate) -> _Task:
+        return _Task(c.file, c.data, max_member, cfg.max_side, cfg.jpeg_quality)
+
+    if cfg.n_workers == 1:
+        _init_worker(known)
+        for item in items:
+            yield item, prepare(task(item)) if isinstance(item, Candidate) else None
+        return
+    window: deque[tuple[Candidate | Skipped, Future | None]] = deque()
+    ctx = get_context("spawn")  # no fork of a process holding tqdm's thread
+    with ProcessPoolExecutor(cfg.n_workers, mp_context=ctx, initializer=_init_worker, initargs=(known,)) as pool:
+        try:
+            for item in items:
+                fut = pool.submit(prepare, task(item)) if isinstance(item, Candidate) else None
+                window.append((item, fut))
+                while len(window) > 4 * cfg.n_workers:
+                    it, f = window.popleft()
+                    yield it, f.result() if f is not None else None
+            while window:
+                it, f = window.popleft()
+                yield it, f.result() if f is not None else None
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+# --- the run ------------------------------------------------------------------------------------------
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def shard_inputs(inputs: list[Path], out: Path, cfg: ShardConfig) -> dict:
+    """Add the images under ``inputs`` to the shard set in ``out``; returns a summary of this run.
+
+    Existing shards are never rewritten: new samples go into new shards, content already present is
+    skipped by hash, bad files are listed in ``skipped.jsonl`` with the reason.
+    """
+    inputs = [Path(p) for p in inputs]
+    for p in inputs:
+        if not p.exists() and not p.is_symlink():
+            raise FileNotFoundError(f"{p}: input not found (pass existing folders, images or .zip/.tar archives)")
+    labels = label_source(cfg.labels) if cfg.labels else None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: --out must be a folder (new or a shard set), not a file")
+    started = time.perf_counter()
+    state = ShardSet.open(out, cfg.prefix)
+    counts: Counter[str] = Counter()
+    skipped_kinds: Counter[str] = Counter()
+    writer: ShardWriter | None = None
+    max_bytes = int(cfg.max_size_mb * MB)
+    bar = tqdm(unit="file", desc=f"shard → {out.name}", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        earlier = {r["max_side"] for r in state.manifest["runs"]}
+        if earlier and earlier != {cfg.max_side}:
+            raise ShardSetError(f"{out}: built with max_side {earlier.pop()}; pass the same --max-side or another --out "
+                                "(one set, one resolution)")
+        state.begin_run(
+            {
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "inputs": [os.path.abspath(p) for p in inputs],
+                "labels": cfg.labels,
+                "max_side": cfg.max_side,
+            }
+        )
+        results = _ordered_results(iter_inputs(inputs, cfg.limits, exclude=out), cfg, frozenset(state.seen))
+        for item, result in results:
+            bar.update(1)
+            reason = item.reason if isinstance(item, Skipped) else None
+            if isinstance(result, Rejected):
+                reason = result.reason
+            if reason is not None:
+                counts["skipped"] += 1
+                skipped_kinds[_reason_kind(reason)] += 1
+                state.note_skipped(item.source, reason)
+                continue
+            first = state.seen.get(result.key)
+            if first is not None:
+                if first == item.source.as_dict():
+                    counts["already_present"] += 1
+                else:
+                    counts["duplicates"] += 1
+                    state.note_duplicate(result.key, item.source)
+                continue
+            if isinstance(result, Known):
+                raise RuntimeError(f"key {result.key} known to the workers but not to the shard set")
+            label, meta = labels.lookup(item) if labels is not None else (None, {})
+            doc = {
+                "key": result.key,
+                "sha256": result.sha256,
+                "label": label,
+                "meta": meta,
+                "source": item.source.as_dict(),
+                "original_size": list(result.original_size),
+                "size": list(result.size),
+                "format": result.ext,
+            }
+            components = [(result.ext, result.payload), ("json", json.dumps(doc, sort_keys=True).encode())]
+            if writer is not None and (writer.count >= cfg.max_count or writer.size_with(components) > max_bytes):
+                state.commit(writer.finish())
+                writer = None
+            if writer is None:
+                writer = ShardWriter(out, state.next_shard_name())
+            writer.add(result.key, components)
+            state.add_sample({"key": result.key, "shard": None, "label": label, "meta": meta, "source": doc["source"]})
+            counts["added"] += 1
+            if counts["added"] % 64 == 0:
+                bar.set_postfix(added=counts["added"], dup=counts["duplicates"], skip=counts["skipped"], refresh=False)
+        if writer is not None:
+            state.commit(writer.finish())
+            writer = None
+        state.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+        state.close()
+    run = state.manifest["runs"][-1]
+    return {
+        "out": str(out),
+        "added": counts["added"],
+        "duplicates": counts["duplicates"],
+        "already_present": counts["already_present"],
+        "skipped": counts["skipped"],
+        "skipped_kinds": dict(skipped_kinds),
+        "unlabeled": labels.unlabeled if labels is not None else None,
+        "shards": run["shards"],
+        "recovered": run["recovered"],
+        "totals": dict(state.manifest["totals"]),
+        "seconds": time.perf_counter() - started,
+    }

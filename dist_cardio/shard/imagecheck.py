@@ -1,0 +1,166 @@
+"""Image validation before bytes enter a shard.
+
+DALI's decoder kills the whole pipeline on one bad image and names no file, and PIL alone misses some
+damage (a PNG with a broken CRC loads; a truncated JPEG passes ``verify()``). So every image is checked
+here in the order of cost: µs-cheap structure checks (JPEG SOI/SOS/EOI markers, PNG signature, chunk
+CRCs, IEND), then a PIL decode (JPEG at 1/8 scale through ``draft``, which still entropy-decodes the
+whole stream and so catches mid-stream damage in progressive JPEGs).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zlib
+from dataclasses import dataclass
+
+from PIL import Image
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Formats Pillow may open here (its JPEG opener also returns multi-picture "MPO" files). Restricting
+# them keeps plugins that shell out (EPS → ghostscript) or parse exotic containers away from untrusted bytes.
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP")
+# Above this many pixels an image is refused: a 600-dpi A4 scan has ~35 M; a tiny PNG claiming
+# 100k × 100k pixels is a decompression bomb.
+MAX_PIXELS = 150_000_000
+
+
+class BadImage(ValueError):
+    """An image that must not go into a shard; ``str(e)`` is the reason, ``kind: detail``."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the checks learnt: Pillow's format name and (width, height)."""
+
+    format: str
+    size: tuple[int, int]
+
+    @property
+    def family(self) -> str | None:
+        """``jpg`` or ``png`` when the bytes can go into a shard unchanged, else None (convert)."""
+        if self.format in ("JPEG", "MPO"):
+            return "jpg"
+        if self.format == "PNG":
+            return "png"
+        return None
+
+
+def check_structure(data: bytes) -> None:
+    """Cheap container checks (no pixel decoding); raises BadImage."""
+    if not data:
+        raise BadImage("empty file: 0 bytes")
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg(data)
+    elif data.startswith(PNG_SIGNATURE):
+        _check_png(data)
+
+
+def _check_jpeg(data: bytes) -> None:
+    n = len(data)
+    i = 2
+    while True:
+        i = data.find(b"\xff", i)  # libjpeg also skips stray bytes between segments
+        if i < 0 or i + 4 > n:
+            raise BadImage("truncated JPEG: ends before the start of scan")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:
+            raise BadImage("corrupt JPEG: end-of-image marker before any image data")
+        if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            raise BadImage(f"corrupt JPEG: segment length {length} at byte {i}")
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            scan_start = i + 2 + length
+            break
+        i += 2 + length
+    # In entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so FFD9 after the first
+    # scan can only be the real end-of-image marker; trailing bytes after it are tolerated.
+    if scan_start >= n or data.rfind(b"\xff\xd9") < scan_start:
+        raise BadImage("truncated JPEG: no end-of-image marker")
+
+
+def _check_png(data: bytes) -> None:
+    view = memoryview(data)
+    n = len(data)
+    pos = len(PNG_SIGNATURE)
+    first = True
+    while pos + 12 <= n:
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        ctype = bytes(view[pos + 4 : pos + 8])
+        end = pos + 12 + length
+        if not ctype.isalpha():
+            raise BadImage(f"corrupt PNG: invalid chunk type at byte {pos}")
+        name = ctype.decode("ascii")
+        if first and ctype != b"IHDR":
+            raise BadImage(f"corrupt PNG: first chunk is {name}, not IHDR")
+        first = False
+        if end > n:
+            raise BadImage(f"truncated PNG: {name} chunk at byte {pos} runs past the end")
+        if zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            raise BadImage(f"corrupt PNG: bad CRC in {name} chunk at byte {pos}")
+        if ctype == b"IEND":
+            return
+        pos = end
+    raise BadImage("truncated PNG: no IEND chunk")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Pillow image over ``data`` limited to ALLOWED_FORMATS; raises BadImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"image too large: {e}") from None
+    except Exception as e:  # Pillow raises many types for unreadable headers
+        raise BadImage(f"not an image: {_pil_message(e)}") from None
+    w, h = image.size
+    if w <= 0 or h <= 0:
+        raise BadImage(f"corrupt image: size {w}x{h}")
+    if w * h > MAX_PIXELS:
+        raise BadImage(f"image too large: {w}x{h} pixels > {MAX_PIXELS} limit")
+    return image
+
+
+def inspect_image(data: bytes, decode: bool = True) -> ImageInfo:
+    """Validate ``data`` (structure, then a Pillow decode when ``decode``) and describe it; raises BadImage."""
+    check_structure(data)
+    image = open_image(data)
+    info = ImageInfo(image.format, image.size)
+    if decode:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if info.family == "jpg":
+                    w, h = image.size
+                    image.draft(None, (max(1, w // 8), max(1, h // 8)))
+                image.load()
+        except Exception as e:
+            raise BadImage(f"undecodable {info.format}: {_pil_message(e)}") from None
+    return info
+
+
+def check_image_bytes(data: bytes, name: str, decode: bool = True) -> str | None:
+    """None when ``data`` is a valid image DALI and Pillow will decode, else the reason.
+
+    ``name`` (file or member name) only words the reason for non-images; the content decides the
+    format, so a PNG named ``.jpg`` passes.
+    """
+    try:
+        inspect_image(data, decode=decode)
+    except BadImage as e:
+        reason = str(e)
+        return f"{reason} ({name})" if reason.startswith("not an image") else reason
+    return None
+
+
+def _pil_message(e: Exception) -> str:
+    # Pillow's messages name the BytesIO object; keep only the useful part.
+    msg = str(e).split(" <_io.BytesIO")[0].strip()
+    return msg or type(e).__name__
