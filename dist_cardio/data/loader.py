@@ -1,0 +1,368 @@
+"""Shards → batches for one rank: the facade the trainer and the fine-tuning helpers code against.
+
+``contrastive_loader`` yields ``(view1, view2)``; ``labeled_loader`` yields ``(images, targets, keys)``.
+Both are iterables with ``len`` (batches per epoch, equal on every rank), ``set_epoch`` and
+``state_dict``/``load_state_dict`` for an exact mid-epoch resume. The engine (DALI, or the torchvision
+fallback) follows the hardware and what is installed unless the config names one; the pipeline
+definition is one per engine, CPU and GPU alike.
+
+Epochs and ranks: each epoch is a fresh, seeded pass. Every rank reads a disjoint part of the shard set
+(``rank``/``world_size`` come from the caller, i.e. ``distributed.py``); in training every rank yields
+``(samples // world_size) // batch_size`` full batches, so no rank waits for a batch another rank does
+not have. Evaluation (``train=False``) reads every sample exactly once, in order, with a partial last
+batch (lengths may then differ by one batch between ranks: gather predictions after the loop).
+
+Resume: ``state_dict()`` is a small dict (ints, strings, DALI's ~250-byte reader/RNG state), one per
+rank; it records the batch size, rank count and the settings the sample order depends on, and
+``load_state_dict`` refuses a state made under other settings rather than silently diverging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from dist_cardio.config import to_dict
+from dist_cardio.data.augment import AugmentConfig
+from dist_cardio.data.shardset import ShardDataError, ShardSet, open_shard_set, rank_span
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Where the shards are and how one rank batches them (``data:`` section of the configs)."""
+
+    shards: str = ""
+    """Shard folder written by ``dist-cardio shard`` (or any folder of WebDataset ``*.tar`` files)."""
+    batch_size: int = 32
+    """Samples per batch on each rank; the global batch is ``batch_size × world_size``."""
+    num_threads: int = 2
+    """DALI CPU worker threads, or DataLoader worker processes for the torchvision backend."""
+    backend: Literal["auto", "dali", "torchvision"] = "auto"
+    """``auto``: DALI when it is installed, else the torchvision fallback (same augmentations)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where DALI decodes and augments: ``auto`` is the GPU when CUDA is available (nvJPEG ``mixed``
+    decoding, outputs on the rank's current CUDA device), else DALI's CPU-only mode."""
+    decode: Literal["auto", "full", "crop", "reduced"] = "auto"
+    """How much of a ~2200×1600 page is decoded for 224² views. ``full``: decode the page once, cut both
+    views from it. ``crop``: fused decode + random crop per view (DALI ``decoders.image_random_crop``),
+    which never materialises the whole page. ``reduced``: JPEG DCT-scaled decode down to the smallest
+    size that still holds the smallest crop at full output resolution (torchvision backend only).
+    ``auto``: DALI CPU → ``full`` (measured: two fused crop decodes cost more than one full decode on
+    CPU, because libjpeg still entropy-decodes every row above a crop's bottom edge); DALI GPU → ``crop``
+    (a decoded page is 11.6 MB of GPU memory, 3 GB per 256-image batch, which the fused path never
+    allocates); torchvision → ``reduced`` (fewer pixels is the lever for a CPU decoder)."""
+    seed: int = 0
+    """Base seed of shuffling and augmentation; each (epoch, rank) derives its own from it."""
+    shuffle: bool = True
+    """Shuffle in training: tar order per epoch (all ranks alike) plus a sample buffer per rank (DALI),
+    or one global permutation per epoch (torchvision)."""
+    shuffle_buffer: int = 512
+    """DALI reader shuffle buffer in samples; it holds encoded images (~1.4 MB each at full size)."""
+    prefetch: int = 2
+    """Batches prepared ahead (DALI ``prefetch_queue_depth``; DataLoader ``prefetch_factor``)."""
+    check: Literal["auto", "always", "never"] = "auto"
+    """Pre-check images before reading: ``auto`` checks shards not validated when written (no manifest
+    listing them), ``always`` all shards, ``never`` none (a bad image then stops DALI mid-epoch)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a backend needs to build one rank's epochs (resolved from the configs)."""
+
+    shard_set: ShardSet
+    cfg: LoaderConfig
+    aug: AugmentConfig
+    rank: int
+    world_size: int
+    train: bool
+    views: int
+    """2 for contrastive pairs, 1 for labelled batches."""
+    with_json: bool
+    backend: str
+    device: str
+    decode: str
+
+    @property
+    def batches(self) -> int:
+        """Batches per epoch on this rank: full batches only in training, all samples in evaluation."""
+        n, b = self.shard_set.total, self.cfg.batch_size
+        if self.train:
+            return (n // self.world_size) // b
+        start, stop = rank_span(n, self.rank, self.world_size)
+        return -(-(stop - start) // b)
+
+
+class Backend(Protocol):
+    def epoch(self, epoch: int, start: int, restore: bytes | None) -> Iterator[tuple[Any, ...]]:
+        """Batches ``start..`` of ``epoch``: ``(view1, view2)`` or ``(images, json_bytes_list)``."""
+
+    def checkpoint(self) -> bytes | None:
+        """Engine state after the last batch the live epoch yielded (None: the position alone suffices)."""
+
+
+class ShardLoader:
+    """One rank's epochs over a shard set, resumable at any batch."""
+
+    def __init__(self, plan: Plan, backend: Backend, labels: LabelCoder | None) -> None:
+        self.plan = plan
+        self._backend = backend
+        self._labels = labels
+        self._epoch = 0
+        self._position = 0
+        self._restore: bytes | None = None
+        self._live: Iterator[tuple[Any, ...]] | None = None
+        self._settings = _settings(plan, labels)
+
+    def __len__(self) -> int:
+        return self.plan.batches
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already yielded."""
+        return self._position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch; the current epoch (e.g. a resumed one) keeps its position."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self._epoch:
+            self._epoch, self._position, self._restore, self._live = epoch, 0, None, None
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """The rest of the current epoch; iterating a finished epoch starts the next one."""
+        if self._position >= len(self):
+            self.set_epoch(self._epoch + 1)
+        if self._live is None:
+            self._live = self._backend.epoch(self._epoch, self._position, self._restore if self._position else None)
+        while self._position < len(self):
+            try:
+                raw = next(self._live)
+            except BaseException:
+                self._live = None  # the engine is dead (e.g. a bad image): a retry rebuilds it
+                raise
+            self._position += 1
+            yield raw if self._labels is None else self._labels.batch(raw)
+        self._live = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position: small, and ``torch.save``-able with ``weights_only=True`` loading."""
+        engine = None
+        if 0 < self._position < len(self):
+            engine = self._backend.checkpoint() if self._live is not None else self._restore
+        return {"version": STATE_VERSION, "epoch": self._epoch, "position": self._position,
+                "settings": self._settings, "engine": engine}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken; refuses a state from other settings or another rank."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a loader state of version {STATE_VERSION} (got {type(state).__name__}); "
+                             "was it saved by this dist_cardio?")
+        saved = state["settings"]
+        for key in sorted(set(saved) | set(self._settings)):
+            if saved.get(key) != self._settings.get(key):
+                raise ValueError(f"loader state was saved with {key}={saved.get(key)!r}, this loader has "
+                                 f"{self._settings.get(key)!r}: resuming would not continue the same sample order "
+                                 "(restore the setting, or start a new run)")
+        position = int(state["position"])
+        if not 0 <= position <= len(self):
+            raise ValueError(f"loader state position {position} outside 0..{len(self)}")
+        if 0 < position < len(self) and self.plan.backend == "dali" and not state["engine"]:
+            raise ValueError("loader state lacks DALI's reader state for a mid-epoch position")
+        self._epoch, self._position = int(state["epoch"]), position
+        self._restore, self._live = state["engine"], None
+
+
+class LabelCoder:
+    """The json component's ``label`` → a class id (int64) or a multi-hot row (float32)."""
+
+    def __init__(self, classes: Sequence[str], multilabel: bool, where: str) -> None:
+        if not classes:
+            raise ValueError("classes must not be empty")
+        self.classes = list(classes)
+        self.multilabel = multilabel
+        self._index = {c: i for i, c in enumerate(self.classes)}
+        self._where = where
+
+    def batch(self, raw: tuple[torch.Tensor, list[bytes]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        images, metas = raw
+        docs = [self._doc(m) for m in metas]
+        keys = [str(d.get("key")) for d in docs]
+        if self.multilabel:
+            targets = torch.zeros(len(docs), len(self.classes), dtype=torch.float32)
+            for row, (doc, key) in enumerate(zip(docs, keys)):
+                for label in _as_list(doc.get("label")):
+                    targets[row, self._id(label, key)] = 1.0
+        else:
+            ids = []
+            for doc, key in zip(docs, keys):
+                labels = _as_list(doc.get("label"))
+                if len(labels) != 1:
+                    raise ShardDataError(f"{self._where}: sample {key}: label {doc.get('label')!r} is not one class "
+                                         "(single-label training; use multilabel=True or drop the sample)")
+                ids.append(self._id(labels[0], key))
+            targets = torch.tensor(ids, dtype=torch.int64)
+        return images, targets, keys
+
+    def _doc(self, meta: bytes) -> dict:
+        try:
+            doc = json.loads(meta.rstrip(b"\0"))  # DALI may hand it zero-padded
+        except ValueError as e:
+            raise ShardDataError(f"{self._where}: a sample's json component is not JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise ShardDataError(f"{self._where}: a sample's json component is not an object")
+        return doc
+
+    def _id(self, label: str, key: str) -> int:
+        if label not in self._index:
+            raise ShardDataError(f"{self._where}: sample {key}: label {label!r} not in classes {self.classes}")
+        return self._index[label]
+
+
+def contrastive_loader(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int) -> ShardLoader:
+    """Pairs of independently augmented views ``[B, 3, S, S]`` float32 of this rank's part of the shards."""
+    plan = _plan(cfg, aug, rank, world_size, train=True, views=2, with_json=False, keys=None)
+    return ShardLoader(plan, _backend(plan), None)
+
+
+def labeled_loader(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int, classes: Sequence[str],
+                   multilabel: bool, train: bool, keys: Collection[str] | None = None) -> ShardLoader:
+    """``(images, targets, keys)`` batches; ``targets`` int64 class ids, or float32 multi-hot ``[B, C]``.
+
+    ``keys`` restricts the loader to those samples (e.g. one fine-tuning split from ``samples.jsonl``).
+    """
+    plan = _plan(cfg, aug, rank, world_size, train=train, views=1, with_json=True, keys=keys)
+    return ShardLoader(plan, _backend(plan), LabelCoder(classes, multilabel, str(plan.shard_set.root)))
+
+
+def _plan(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int, *, train: bool, views: int,
+          with_json: bool, keys: Collection[str] | None) -> Plan:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if not cfg.shards:
+        raise ValueError("LoaderConfig.shards is empty: set it to a shard folder (e.g. --set data.shards=PATH)")
+    backend = _resolve_backend(cfg.backend)
+    device = _resolve_device(cfg.device, backend)
+    decode = _resolve_decode(cfg.decode, backend, device)
+    shard_set = open_shard_set(cfg.shards)
+    if keys is not None:
+        shard_set = shard_set.select(keys)
+    n, per_rank = shard_set.total, shard_set.total // world_size
+    if train and per_rank < cfg.batch_size:
+        raise ShardDataError(f"{shard_set.root}: {n} samples give each of {world_size} ranks {per_rank}, fewer than "
+                             f"batch_size {cfg.batch_size}; lower batch_size or add data")
+    if not train and per_rank < 1:
+        raise ShardDataError(f"{shard_set.root}: {n} samples for {world_size} ranks; use fewer ranks")
+    _precheck(shard_set, cfg, rank, world_size, with_json)
+    plan = Plan(shard_set, cfg, aug, rank, world_size, train, views, with_json, backend, device, decode)
+    if rank == 0:
+        log.info("loader: %s on %s (decode %s), %d samples in %d shards, %d batches of %d per rank and epoch",
+                 backend, device, decode, n, len(shard_set.tars), plan.batches, cfg.batch_size)
+    return plan
+
+
+def _precheck(shard_set: ShardSet, cfg: LoaderConfig, rank: int, world_size: int, with_json: bool) -> None:
+    """Check the images of unvalidated shards; each rank takes every world_size-th shard (a failure stops
+    that rank with the shard and key named, and the launcher then stops the others)."""
+    if cfg.check == "never":
+        return
+    todo = [i for i in range(len(shard_set.tars)) if cfg.check == "always" or not shard_set.validated[i]]
+    mine = todo[rank::world_size]
+    if mine:
+        if rank == 0:
+            log.warning("%s: %d shard(s) not validated at write time; checking their images first",
+                        shard_set.root, len(todo))
+        shard_set.check(mine, with_json, progress=rank == 0)
+
+
+def _backend(plan: Plan) -> Backend:
+    if plan.backend == "dali":
+        from dist_cardio.data.dali_pipeline import DaliBackend
+
+        return DaliBackend(plan)
+    from dist_cardio.data.torchvision_pipeline import TorchvisionBackend
+
+    return TorchvisionBackend(plan)
+
+
+def _resolve_backend(name: str) -> str:
+    if name != "auto":
+        if name == "dali" and not _dali_installed():
+            raise ValueError("backend 'dali' asked for but nvidia-dali is not installed "
+                             "(pip install nvidia-dali-cuda130, or set backend: torchvision)")
+        return name
+    return "dali" if _dali_installed() else "torchvision"
+
+
+def _dali_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def _resolve_device(name: str, backend: str) -> str:
+    cuda = torch.cuda.is_available()
+    if name == "gpu" and not cuda:
+        raise ValueError("device 'gpu' asked for but torch sees no CUDA device; use device: auto or cpu")
+    if name == "auto":
+        return "gpu" if cuda and backend == "dali" else "cpu"
+    if name == "gpu" and backend != "dali":
+        raise ValueError("device 'gpu' needs the DALI backend (the torchvision fallback augments on CPU)")
+    return name
+
+
+def _resolve_decode(name: str, backend: str, device: str) -> str:
+    if name == "auto":
+        if backend == "torchvision":
+            return "reduced"
+        return "crop" if device == "gpu" else "full"
+    allowed = ("full", "crop") if backend == "dali" else ("full", "reduced")
+    if name not in allowed:
+        raise ValueError(f"decode {name!r} is not available with the {backend} backend (choose {' or '.join(allowed)})")
+    return name
+
+
+def _settings(plan: Plan, labels: LabelCoder | None) -> dict[str, Any]:
+    """What the sample order and the augmentation draws depend on; compared on resume."""
+    shards = hashlib.sha256(json.dumps([[t.name, c] for t, c in zip(plan.shard_set.tars, plan.shard_set.counts)])
+                            .encode()).hexdigest()[:16]
+    cfg = plan.cfg
+    return {
+        "backend": plan.backend, "device": plan.device, "decode": plan.decode, "train": plan.train,
+        "views": plan.views, "rank": plan.rank, "world_size": plan.world_size, "batch_size": cfg.batch_size,
+        "seed": cfg.seed, "shuffle": cfg.shuffle, "shuffle_buffer": cfg.shuffle_buffer, "shards": shards,
+        "augment": json.dumps(to_dict(plan.aug), sort_keys=True),
+        "classes": json.dumps(labels.classes) if labels else "",
+    }
+
+
+def _as_list(label: Any) -> list[str]:
+    if label is None:
+        return []
+    return [str(x) for x in label] if isinstance(label, list) else [str(label)]
+
+
+__all__ = ["LoaderConfig", "ShardLoader", "contrastive_loader", "labeled_loader", "ShardDataError"]

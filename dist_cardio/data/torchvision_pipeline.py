@@ -1,0 +1,198 @@
+"""The torchvision fallback: same shards, same augmentations (``augment.py``), no DALI needed.
+
+Samples are read straight from the tars at the offsets the ``.idx`` files give, so a rank can take any
+part of any epoch: the order is one seeded permutation per epoch split into contiguous rank parts, and
+each sample's augmentation is drawn from a generator seeded by (seed, epoch, sample). A resumed epoch is
+therefore just "skip the first k batches" — no decoding — and needs no saved engine state; the number of
+DataLoader workers does not change a single pixel.
+
+Decoding is the CPU cost: with ``decode: reduced`` a JPEG is decoded through PIL's DCT scaling
+(``Image.draft``) to the smallest power-of-two reduction that still holds the smallest allowed crop at
+full output resolution, so views are the same and a 2339×1654 page costs ~4× fewer pixels.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import math
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dist_cardio.data.augment import AugmentConfig
+from dist_cardio.data.loader import Plan
+from dist_cardio.data.shardset import Sample, ShardDataError, rank_span
+from dist_cardio.shard.imagecheck import open_image
+
+
+class ColourJitter(torch.nn.Module):
+    """Brightness, saturation, hue, contrast in this fixed order (as the DALI pipeline), with probability p.
+
+    torchvision's ``ColorJitter`` shuffles the order per call; a fixed order keeps both backends alike.
+    """
+
+    def __init__(self, aug: AugmentConfig) -> None:
+        super().__init__()
+        self.aug = aug
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        a = self.aug
+        if torch.rand(()) >= a.jitter_p:
+            return img
+        if a.brightness:
+            img = F.adjust_brightness(img, _uniform(1 - a.brightness, 1 + a.brightness))
+        if a.saturation:
+            img = F.adjust_saturation(img, _uniform(1 - a.saturation, 1 + a.saturation))
+        if a.hue:
+            img = F.adjust_hue(img, _uniform(-a.hue, a.hue))
+        if a.contrast:
+            img = F.adjust_contrast(img, _uniform(1 - a.contrast, 1 + a.contrast))
+        return img
+
+
+class ToRGB(torch.nn.Module):
+    """Any PIL mode (P, RGBA, L, I;16) → RGB, as DALI's decoder outputs."""
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def build_torchvision_transform(aug: AugmentConfig, train: bool) -> T.Compose:
+    """PIL image → normalised float32 tensor ``[3, S, S]``; one random view per call when ``train``.
+
+    Every augmentation runs on the PIL image (Pillow's uint8 C code is several times faster than the
+    same ops on float tensors, e.g. hue); only the finished view becomes a tensor.
+    """
+    tail = [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(aug.mean, aug.std)]
+    if not train:
+        return T.Compose([ToRGB(), T.Resize((aug.size, aug.size), antialias=True), *tail])
+    steps: list[torch.nn.Module] = [
+        ToRGB(),
+        T.RandomResizedCrop(aug.size, scale=aug.crop_scale, ratio=aug.crop_ratio, antialias=True),
+    ]
+    if aug.rotation:
+        # Nearest neighbour, torchvision's default for rotations (and ~9× cheaper than linear in DALI on CPU).
+        steps.append(T.RandomRotation(aug.rotation, interpolation=T.InterpolationMode.NEAREST, fill=aug.rotation_fill))
+    if aug.jitters:
+        steps.append(ColourJitter(aug))
+    if aug.grayscale_p:
+        steps.append(T.RandomGrayscale(aug.grayscale_p))
+    if aug.blur_p:
+        steps.append(T.RandomApply([T.GaussianBlur(aug.blur_kernel, sigma=aug.blur_sigma)], p=aug.blur_p))
+    if aug.hflip_p:
+        steps.append(T.RandomHorizontalFlip(aug.hflip_p))
+    if aug.vflip_p:
+        steps.append(T.RandomVerticalFlip(aug.vflip_p))
+    return T.Compose(steps + tail)
+
+
+def decode_page(data: bytes, aug: AugmentConfig | None = None, train: bool = True) -> Image.Image:
+    """Decode image bytes to RGB. With ``aug``, a JPEG is DCT-scaled down as far as the views allow: in
+    training while the smallest crop keeps ≥ ``aug.size`` px a side, in evaluation while both sides do."""
+    img = open_image(data)
+    if aug is not None and img.format in ("JPEG", "MPO"):
+        w, h = img.size
+        f = math.sqrt(aug.min_source_area() / (w * h)) if train else max(aug.size / w, aug.size / h)
+        if f < 1.0:
+            img.draft("RGB", (math.ceil(w * f), math.ceil(h * f)))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class EpochSamples(Dataset):
+    """Sample id → its view(s) (+ json bytes), drawn from a generator seeded by (seed, epoch, sample id)."""
+
+    def __init__(self, plan: Plan, samples: list[Sample], epoch: int) -> None:
+        self.tars = [str(t) for t in plan.shard_set.tars]
+        self.samples = samples
+        self.transform = build_torchvision_transform(plan.aug, plan.train)
+        self.views = plan.views
+        self.with_json = plan.with_json
+        self.seed, self.epoch = plan.cfg.seed, epoch
+        self.reduce = plan.aug if plan.decode == "reduced" else None
+        self.train = plan.train
+        self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __del__(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.tars[shard], os.O_RDONLY)
+        return os.pread(fd, size, offset)
+
+    def __getitem__(self, sample_id: int) -> tuple:
+        s = self.samples[sample_id]
+        try:
+            img = decode_page(self._read(s.shard, s.image.offset, s.image.size), self.reduce, self.train)
+        except Exception as e:  # Pillow raises many types for damaged data; name the sample whatever it was
+            raise ShardDataError(f"{self.tars[s.shard]}: sample {s.key}: {e}") from None
+        seed = np.random.SeedSequence([self.seed, self.epoch, sample_id]).generate_state(2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed[0]) << 32 | int(seed[1]))
+            views = tuple(self.transform(img) for _ in range(self.views))
+        if self.with_json:
+            meta = self._read(s.shard, s.json.offset, s.json.size) if s.json else b"{}"
+            return (*views, meta)
+        return views
+
+
+def _collate(items: list[tuple]) -> tuple:
+    first = items[0]
+    tensors = tuple(torch.stack([it[i] for it in items]) for i in range(len(first)) if isinstance(first[i], torch.Tensor))
+    metas = [it[-1] for it in items] if isinstance(first[-1], bytes) else None
+    return (*tensors, metas) if metas is not None else tensors
+
+
+class TorchvisionBackend:
+    """Epochs of one rank through a DataLoader with ``num_threads`` worker processes."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.samples = plan.shard_set.all_samples()
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample ids this rank reads in ``epoch``, in order."""
+        p, n = self.plan, len(self.samples)
+        ids = np.random.default_rng([p.cfg.seed, epoch]).permutation(n) if p.train and p.cfg.shuffle else np.arange(n)
+        start, stop = rank_span(n, p.rank, p.world_size)
+        ids = ids[start:stop]
+        return ids[: p.batches * p.cfg.batch_size] if p.train else ids
+
+    def epoch(self, epoch: int, start: int, restore: bytes | None) -> Iterator[tuple]:
+        b = self.plan.cfg.batch_size
+        ids = self.order(epoch).tolist()
+        batches = [ids[i : i + b] for i in range(start * b, len(ids), b)]
+        loader = DataLoader(
+            EpochSamples(self.plan, self.samples, epoch), batch_sampler=batches, num_workers=self.plan.cfg.num_threads,
+            collate_fn=_collate, prefetch_factor=self.plan.cfg.prefetch, pin_memory=torch.cuda.is_available(),
+        )
+        # Workers are forked when the iterator starts. A DALI pipeline that is garbage in this process must
+        # die here: collected in a forked worker, its __del__ waits for DALI threads that do not exist
+        # there and the worker hangs. Freezing the heap also keeps workers' GC off inherited objects.
+        gc.collect()
+        gc.freeze()
+        try:
+            batches_iter = iter(loader)
+        finally:
+            gc.unfreeze()
+        yield from batches_iter
+
+    def checkpoint(self) -> bytes | None:
+        return None
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return float(torch.empty(()).uniform_(lo, hi))
