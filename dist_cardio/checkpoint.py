@@ -1,0 +1,160 @@
+"""The one checkpoint manager: ``<dir>/step-NNNNNNNN.pt`` files, a fixed ``latest``, keep-last-k.
+
+Why a fixed name: a preempted SLURM job is requeued with the same command, and resumes with no flag
+because the trainer always looks at ``<out>/checkpoints/latest``. Writes are atomic (temp file, fsync,
+rename), and ``latest`` is switched (hard link + rename) only after the new file is complete, so a
+crash or a full disk mid-write never costs the last good checkpoint. Only rank 0 writes; at ZeRO
+stage 0 every rank holds the whole model, and per-rank values (RNG, data position) are gathered first.
+
+A checkpoint is one ``torch.save`` dict of tensors and plain values, read back with
+``torch.load(weights_only=True)`` (nothing is unpickled) after checking the zip's CRCs: the trainer stores ``step``, ``model`` (fp32
+weights), ``optimizer``, ``schedule`` (the per-step LR array), ``rng`` and ``data`` (one entry per rank),
+``world_size``, ``engine`` and ``config`` (a plain dict). Unreadable files raise :class:`CheckpointError`
+naming the file and what to do; nothing is deleted or overwritten on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "dist_cardio.checkpoint/1"
+LATEST = "latest"
+_STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """How often to save and how many step files to keep."""
+
+    every: int = 500
+    """Save every N optimizer steps (and always at the end of the run and on SIGTERM)."""
+    keep: int = 3
+    """Step files kept besides ``latest`` (older ones are deleted after a successful save)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every must be ≥ 1 step, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be ≥ 1, got {self.keep}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Save and find checkpoints in one directory (rank 0 calls :meth:`save`; every rank may load)."""
+
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be ≥ 1, got {keep}")
+        self.dir = Path(directory)
+        self.keep = keep
+
+    @property
+    def latest(self) -> Path:
+        return self.dir / LATEST
+
+    def step_files(self) -> list[Path]:
+        """Complete step files, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if _STEP_FILE.match(p.name))
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Write ``state`` as ``step-<step>.pt``, point ``latest`` at it, prune old step files."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step-{step:08d}.pt"
+        tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
+        link = self.dir / f".{LATEST}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT, **state, "step": step}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            link.unlink(missing_ok=True)
+            os.link(final, link)  # same bytes, no copy; `latest` survives pruning of its step file
+            os.replace(link, self.latest)
+            _fsync_dir(self.dir)
+        finally:
+            tmp.unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+        for old in self.step_files()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def load_latest(self) -> dict[str, Any] | None:
+        """The state behind ``latest``, or None when there is none (a fresh run)."""
+        if not self.latest.exists():
+            return None
+        return self.load(self.latest)
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Read and check one checkpoint file (CPU tensors, ``weights_only``)."""
+        path = Path(path)
+        try:
+            # torch.save writes a zip with per-member CRC32s that torch.load never checks: check them
+            # first, so flipped bytes are caught here instead of becoming silently wrong weights.
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise CheckpointError(f"CRC mismatch in member {bad}")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # BadZipFile, EOFError, RuntimeError, UnpicklingError, ... for damaged files
+            reason = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); {self._fix(path)}") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{path}: not a dist_cardio checkpoint (format {FORMAT!r} expected); {self._fix(path)}")
+        return state
+
+    def _fix(self, path: Path) -> str:
+        older = [p for p in self.step_files() if not (path.exists() and p.samefile(path))]
+        if older:
+            return (f"it was left untouched. To resume from the previous one, replace it: "
+                    f"ln -f {older[-1]} {self.latest}; or start afresh in a new output directory")
+        return f"it was left untouched. Delete {path} to start afresh, or use a new output directory"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch / CUDA / numpy / python RNG states, as tensors and plain values."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+__all__ = ["CheckpointConfig", "CheckpointError", "CheckpointManager", "rng_state", "set_rng_state", "FORMAT", "LATEST"]
