@@ -96,3 +96,14 @@ def test_cli_help_for_every_command():
     assert e.value.code == 0
     assert set(COMMANDS) >= {"render", "shard", "verify", "demo", "pretrain", "finetune", "submit", "evaluate",
                              "explain", "predict", "jobs"}
+
+
+@pytest.mark.parametrize("command", ["render", "shard", "verify", "pretrain", "finetune", "evaluate", "predict",
+                                     "explain", "submit", "jobs", "demo"])
+def test_every_command_has_help(command, capsys):
+    from dist_cardio.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: dist-cardio " + command in capsys.readouterr().out
