@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from dist_cardio.data import AugmentConfig, LoaderConfig, contrastive_loader
-from dist_cardio.data.torchvision_pipeline import EpochSamples
+from dist_cardio.data.torchvision_pipeline import SampleViews
 from dist_cardio.render import RenderConfig, render_dataset
 from dist_cardio.shard import ShardConfig, shard_inputs
 
@@ -81,7 +81,8 @@ def plain_loader(shards: Path, aug: AugmentConfig, threads: int, batch: int) -> 
     tars = sorted(str(p) for p in shards.glob("*.tar"))
     dataset = (wds.WebDataset(tars, shardshuffle=False, empty_check=False)
                .decode("pil").to_tuple("jpg;png").map(TwoViews(aug)).batched(batch, partial=True))
-    return DataLoader(dataset, batch_size=None, num_workers=threads, prefetch_factor=2)
+    # forkserver: this process has DALI's threads, and forking it can deadlock a worker (start-up is not timed)
+    return DataLoader(dataset, batch_size=None, num_workers=threads, prefetch_factor=2, multiprocessing_context="forkserver")
 
 
 def ours(shards: Path, aug: AugmentConfig, threads: int, batch: int, backend: str, decode: str = "auto"):
@@ -167,10 +168,10 @@ def profile(shards: Path, aug: AugmentConfig, batch: int) -> list[tuple[str, flo
 
     def fallback_ms() -> float:
         loader = ours(shards, aug, 1, batch, "torchvision")
-        samples = EpochSamples(loader.plan, loader.plan.shard_set.all_samples(), 0)
+        samples = SampleViews(loader.plan, loader.plan.shard_set.all_samples())
         c = time.process_time()
         for i in range(len(samples)):
-            samples[i]
+            samples[0, i]
         return 1000 * (time.process_time() - c) / len(samples)
 
     def pil_ms(with_views: bool) -> float:

@@ -12,7 +12,7 @@ Epochs and ranks: each epoch is a fresh, seeded pass. Every rank reads a disjoin
 not have. Evaluation (``train=False``) reads every sample exactly once, in order, with a partial last
 batch (lengths may then differ by one batch between ranks: gather predictions after the loop).
 
-Resume: ``state_dict()`` is a small dict (ints, strings, DALI's ~250-byte reader/RNG state), one per
+Resume: ``state_dict()`` is a small dict (ints, strings, DALI's ~5 KB reader + RNG state), one per
 rank; it records the batch size, rank count and the settings the sample order depends on, and
 ``load_state_dict`` refuses a state made under other settings rather than silently diverging.
 """

@@ -13,10 +13,9 @@ full output resolution, so views are the same and a 2339×1654 page costs ~4× f
 
 from __future__ import annotations
 
-import gc
-import io
 import math
 import os
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -106,16 +105,17 @@ def decode_page(data: bytes, aug: AugmentConfig | None = None, train: bool = Tru
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-class EpochSamples(Dataset):
-    """Sample id → its view(s) (+ json bytes), drawn from a generator seeded by (seed, epoch, sample id)."""
+class SampleViews(Dataset):
+    """``(epoch, sample id)`` → the sample's view(s) (+ json bytes), drawn from a generator seeded by
+    (seed, epoch, sample id): the same pixels whichever worker, and however many, makes them."""
 
-    def __init__(self, plan: Plan, samples: list[Sample], epoch: int) -> None:
+    def __init__(self, plan: Plan, samples: list[Sample]) -> None:
         self.tars = [str(t) for t in plan.shard_set.tars]
         self.samples = samples
         self.transform = build_torchvision_transform(plan.aug, plan.train)
         self.views = plan.views
         self.with_json = plan.with_json
-        self.seed, self.epoch = plan.cfg.seed, epoch
+        self.seed = plan.cfg.seed
         self.reduce = plan.aug if plan.decode == "reduced" else None
         self.train = plan.train
         self._fds: dict[int, int] = {}
@@ -133,13 +133,14 @@ class EpochSamples(Dataset):
             fd = self._fds[shard] = os.open(self.tars[shard], os.O_RDONLY)
         return os.pread(fd, size, offset)
 
-    def __getitem__(self, sample_id: int) -> tuple:
+    def __getitem__(self, index: tuple[int, int]) -> tuple:
+        epoch, sample_id = index
         s = self.samples[sample_id]
         try:
             img = decode_page(self._read(s.shard, s.image.offset, s.image.size), self.reduce, self.train)
         except Exception as e:  # Pillow raises many types for damaged data; name the sample whatever it was
             raise ShardDataError(f"{self.tars[s.shard]}: sample {s.key}: {e}") from None
-        seed = np.random.SeedSequence([self.seed, self.epoch, sample_id]).generate_state(2)
+        seed = np.random.SeedSequence([self.seed, epoch, sample_id]).generate_state(2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed[0]) << 32 | int(seed[1]))
             views = tuple(self.transform(img) for _ in range(self.views))
@@ -156,12 +157,31 @@ def _collate(items: list[tuple]) -> tuple:
     return (*tensors, metas) if metas is not None else tensors
 
 
+class EpochBatches:
+    """Batch sampler whose batches the backend sets per epoch (a persistent DataLoader keeps its sampler)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class TorchvisionBackend:
-    """Epochs of one rank through a DataLoader with ``num_threads`` worker processes."""
+    """Epochs of one rank through one DataLoader whose ``num_threads`` worker processes live across epochs.
+
+    Workers are forked, except in a process that has loaded DALI: its thread pools may hold locks at the
+    moment of a fork, which can deadlock the child, so workers then come from a clean forkserver.
+    """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.samples = plan.shard_set.all_samples()
+        self._sampler = EpochBatches()
+        self._loader: DataLoader | None = None
 
     def order(self, epoch: int) -> np.ndarray:
         """Sample ids this rank reads in ``epoch``, in order."""
@@ -174,21 +194,15 @@ class TorchvisionBackend:
     def epoch(self, epoch: int, start: int, restore: bytes | None) -> Iterator[tuple]:
         b = self.plan.cfg.batch_size
         ids = self.order(epoch).tolist()
-        batches = [ids[i : i + b] for i in range(start * b, len(ids), b)]
-        loader = DataLoader(
-            EpochSamples(self.plan, self.samples, epoch), batch_sampler=batches, num_workers=self.plan.cfg.num_threads,
-            collate_fn=_collate, prefetch_factor=self.plan.cfg.prefetch, pin_memory=torch.cuda.is_available(),
-        )
-        # Workers are forked when the iterator starts. A DALI pipeline that is garbage in this process must
-        # die here: collected in a forked worker, its __del__ waits for DALI threads that do not exist
-        # there and the worker hangs. Freezing the heap also keeps workers' GC off inherited objects.
-        gc.collect()
-        gc.freeze()
-        try:
-            batches_iter = iter(loader)
-        finally:
-            gc.unfreeze()
-        yield from batches_iter
+        self._sampler.batches = [[(epoch, i) for i in ids[j : j + b]] for j in range(start * b, len(ids), b)]
+        if self._loader is None:
+            context = "forkserver" if "nvidia.dali" in sys.modules else None
+            self._loader = DataLoader(
+                SampleViews(self.plan, self.samples), batch_sampler=self._sampler, num_workers=self.plan.cfg.num_threads,
+                collate_fn=_collate, prefetch_factor=self.plan.cfg.prefetch, pin_memory=torch.cuda.is_available(),
+                persistent_workers=True, multiprocessing_context=context,
+            )
+        yield from self._loader
 
     def checkpoint(self) -> bytes | None:
         return None
