@@ -170,7 +170,7 @@ def test_finetune_dry_run_prints_the_array_and_each_hospitals_config(capsys, tmp
     (["--nodes", "2", "--local"], "--local runs on this one machine: use --nodes 1 (got 2)"),
     (["--gpus-per-node", "2", "--tasks-per-node", "3"], "GPU jobs run one task per GPU"),
     (["--time", "soon"], "time 'soon': expected a SLURM time limit"),
-    (["--set", "out=BLOCKED/run"], "BLOCKED/run: output folder is not writable"),
+    (["--set", "out=BLOCKED/run", "--local"], "BLOCKED/run: output folder is not writable"),  # no cluster needed
 ])
 def test_submit_errors_are_one_line(capsys, tmp_path, args, message):
     (tmp_path / "BLOCKED").write_text("a file, not a folder")
