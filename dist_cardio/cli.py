@@ -10,7 +10,6 @@ import argparse
 import importlib
 import sys
 
-from dist_cardio.config import ConfigError
 
 COMMANDS: dict[str, str] = {
     "render": "render 12-lead ECG signals (WFDB, .mat, .npz) into paper-like printout images",
@@ -50,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(_load(args.command).run(args) or 0)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    # Bad input (ConfigError is a ValueError, bad data, paths) is one line naming the file, never a traceback.
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
         print(f"dist-cardio {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import logging
 import os
@@ -26,14 +25,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileExistsError) as e:  # bad data or config: one line naming the file, no traceback
-        print(f"dist-cardio evaluate: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     model = load_finetuned(args.checkpoint, args.device)
     metrics = evaluate_data(model, args.data, args.subset, args.n_bootstrap, args.batch_size, progress=not args.no_progress)

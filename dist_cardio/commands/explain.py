@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import logging
 from pathlib import Path
 
@@ -23,14 +22,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileExistsError) as e:  # bad data or config: one line naming the file, no traceback
-        print(f"dist-cardio explain: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     model = load_finetuned(args.checkpoint, args.device)
     summary = explain_files(model, image_files(args.images), args.out, args.target, args.warn_above,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import logging
 from pathlib import Path
@@ -26,14 +25,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileExistsError) as e:  # bad data or config: one line naming the file, no traceback
-        print(f"dist-cardio finetune: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     named_none = args.checkpoint is not None and args.checkpoint.lower() == "none"
     if args.from_scratch and args.checkpoint is not None and not named_none:

@@ -23,14 +23,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileExistsError) as e:  # bad data or config: one line naming the file, no traceback
-        print(f"dist-cardio predict: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     model = load_finetuned(args.checkpoint, args.device)
     files = image_files(args.images)
     results, errors = predict_files(model, files, args.batch_size, progress=not args.no_progress)
