@@ -1,16 +1,16 @@
 """The one checkpoint manager: ``<dir>/step-NNNNNNNN.pt`` files, a fixed ``latest``, keep-last-k.
 
-Why a fixed name: a preempted SLURM job is requeued with the same command, and resumes with no flag
+Why a fixed name: a preempted SLURM job is requeued with the same command and resumes with no flag,
 because the trainer always looks at ``<out>/checkpoints/latest``. Writes are atomic (temp file, fsync,
 rename), and ``latest`` is switched (hard link + rename) only after the new file is complete, so a
 crash or a full disk mid-write never costs the last good checkpoint. Only rank 0 writes; at ZeRO
 stage 0 every rank holds the whole model, and per-rank values (RNG, data position) are gathered first.
 
 A checkpoint is one ``torch.save`` dict of tensors and plain values, read back with
-``torch.load(weights_only=True)`` (nothing is unpickled) after checking the zip's CRCs: the trainer stores ``step``, ``model`` (fp32
-weights), ``optimizer``, ``schedule`` (the per-step LR array), ``rng`` and ``data`` (one entry per rank),
-``world_size``, ``engine`` and ``config`` (a plain dict). Unreadable files raise :class:`CheckpointError`
-naming the file and what to do; nothing is deleted or overwritten on the way.
+``torch.load(weights_only=True)`` (nothing is unpickled) after checking the zip's CRCs. The trainer
+stores ``step``, ``model`` (fp32 weights), ``optimizer``, ``schedule`` (the per-step LR array), ``rng``
+and ``data`` (one entry per rank), ``world_size``, ``engine`` and ``config`` (a plain dict). Unreadable
+files raise :class:`CheckpointError` naming the file and what to do; nothing is deleted or overwritten.
 """
 
 from __future__ import annotations

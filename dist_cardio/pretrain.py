@@ -164,7 +164,7 @@ class RunLog:
         """Keep only rows up to ``step`` (a run killed after its last checkpoint logged steps it will redo)."""
         if not self.metrics.exists():
             return
-        rows = [line for line in self.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        rows = [line for line in self.metrics.read_text().splitlines() if _row_step(line) <= step]
         tmp = self.metrics.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         os.replace(tmp, self.metrics)
@@ -190,6 +190,14 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _row_step(line: str) -> float:
+    """A metrics row's step; a torn last line (killed mid-write) counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_loss_curve(metrics: Path, png: Path) -> None:
@@ -324,37 +332,40 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
     data_s = step_s = 0.0
     t_window = time.perf_counter()
     batches = _batches(loader)
-    with StopSignal() as stop:
-        while step < plan.total_steps:
-            t0 = time.perf_counter()
-            epoch, (view1, view2) = next(batches)
-            data_s += time.perf_counter() - t0
-            engine.set_lr(plan.lrs[step])
-            loss = cached_contrastive_step(
-                engine.model, engine.prepare(view1), engine.prepare(view2), chunk, loss_fn, engine.backward, engine.no_sync
-            )
-            engine.step()
-            step += 1
-            # One small all-reduce per step: the logged loss (mean over ranks) and whether any rank got SIGTERM.
-            synced = distributed.all_reduce_mean(torch.stack([loss.float(), torch.tensor(float(stop.requested), device=loss.device)]))
-            last_loss = float(synced[0])
-            window.append(last_loss)
-            interrupted = bool(synced[1] > 0)
-            step_s += time.perf_counter() - t0
-            if step % cfg.log_every == 0 or step == plan.total_steps or interrupted:
-                elapsed = time.perf_counter() - t_window
-                n = len(window)
-                log.row({
-                    "step": step, "epoch": epoch, "loss": sum(window) / n, "lr": float(plan.lrs[step - 1]),
-                    "images_per_s": n * plan.global_batch / elapsed, "data_s": data_s / n, "step_s": step_s / n,
-                })
-                window, data_s, step_s, t_window = [], 0.0, 0.0, time.perf_counter()
-            if step % cfg.checkpoint.every == 0 or step == plan.total_steps or interrupted:
-                _save(manager, engine, loader, cfg, plan, tag, step)
-                last_saved = step
-            if interrupted:
-                log.text(f"SIGTERM: stopped after step {step}, checkpoint {manager.latest}")
-                break
+    try:
+        with StopSignal() as stop:
+            while step < plan.total_steps:
+                t0 = time.perf_counter()
+                epoch, (view1, view2) = next(batches)
+                data_s += time.perf_counter() - t0
+                engine.set_lr(plan.lrs[step])
+                loss = cached_contrastive_step(engine.model, engine.prepare(view1), engine.prepare(view2), chunk,
+                                               loss_fn, engine.backward, engine.no_sync)
+                engine.step()
+                step += 1
+                # One small all-reduce per step: the logged loss (mean over ranks) and whether any rank got SIGTERM.
+                flag = torch.tensor(float(stop.requested), device=loss.device)
+                synced = distributed.all_reduce_mean(torch.stack([loss.float(), flag]))
+                last_loss = float(synced[0])
+                window.append(last_loss)
+                interrupted = bool(synced[1] > 0) and step < plan.total_steps  # a finished run is not interrupted
+                step_s += time.perf_counter() - t0
+                if step % cfg.log_every == 0 or step == plan.total_steps or interrupted:
+                    elapsed = time.perf_counter() - t_window
+                    n = len(window)
+                    log.row({
+                        "step": step, "epoch": epoch, "loss": sum(window) / n, "lr": float(plan.lrs[step - 1]),
+                        "images_per_s": n * plan.global_batch / elapsed, "data_s": data_s / n, "step_s": step_s / n,
+                    })
+                    window, data_s, step_s, t_window = [], 0.0, 0.0, time.perf_counter()
+                if step % cfg.checkpoint.every == 0 or step == plan.total_steps or interrupted:
+                    _save(manager, engine, loader, cfg, plan, tag, step)
+                    last_saved = step
+                if interrupted:
+                    log.text(f"SIGTERM: stopped after step {step}, checkpoint {manager.latest}")
+                    break
+    finally:
+        log.close()
 
     summary = {
         "step": step, "total_steps": plan.total_steps, "resumed_from": start or None,
@@ -367,7 +378,6 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
         if log.metrics.exists():
             plot_loss_curve(log.metrics, out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.close()
     return summary
 
 

@@ -86,7 +86,9 @@ class Engine(Protocol):
         """Restore what :meth:`state_dict` returned."""
 
 
-def build_engine(cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, micro_batch: int) -> Engine:
+def build_engine(
+    cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, micro_batch: int
+) -> Engine:
     """The chosen backend around ``model`` and ``optimizer`` (``micro_batch``: images per rank and step)."""
     if cfg.backend == "deepspeed":
         from dist_cardio.engines.deepspeed_engine import DeepSpeedEngine

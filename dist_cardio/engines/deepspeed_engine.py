@@ -63,7 +63,9 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, micro_batch: int) -> None:
+    def __init__(
+        self, cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, micro_batch: int
+    ) -> None:
         if cfg.zero_stage > 0 and isinstance(optimizer, LARS):
             raise ValueError(zero_lars_refusal(cfg.zero_stage))
         if info.backend is None:
