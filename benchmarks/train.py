@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dist_cardio.distributed import DistInfo, run_local_processes
+from dist_cardio.distributed import DistInfo, barrier, run_local_processes
 from dist_cardio.engines import EngineConfig, build_engine
 from dist_cardio.gradcache import cached_contrastive_step
 from dist_cardio.lars import LarsConfig, build_lars
@@ -48,7 +48,8 @@ def _engine(info: DistInfo, size: str, backend: str, batch: int):
 
 
 def throughput(info: DistInfo, size: str, backend: str, batch: int, steps: int, warmup: int) -> dict:
-    """Images/s of this rank, and the step split into forward / loss+gather / backward / all-reduce / LARS."""
+    """Images/s of this rank, and the step split into forward / wait for the other ranks / loss+gather /
+    backward / all-reduce / LARS (the timing barrier after the forward is the only addition to the step)."""
     engine, optimizer = _engine(info, size, backend, batch)
     loss_fn = make_loss(LossConfig())
     input_size = preset(size).input_size
@@ -56,7 +57,7 @@ def throughput(info: DistInfo, size: str, backend: str, batch: int, steps: int, 
     t_lars = [0.0]
     optimizer.register_step_pre_hook(lambda *_: t_lars.__setitem__(0, time.perf_counter()))
     optimizer.register_step_post_hook(lambda *_: lars_s.__setitem__(0, lars_s[0] + time.perf_counter() - t_lars[0]))
-    parts = dict.fromkeys(("forward", "loss_gather", "backward", "allreduce_lars"), 0.0)
+    parts = dict.fromkeys(("forward", "wait", "loss_gather", "backward", "allreduce_lars"), 0.0)
     start = 0.0
     for i in range(warmup + steps):
         if i == warmup:
@@ -68,6 +69,8 @@ def throughput(info: DistInfo, size: str, backend: str, batch: int, steps: int, 
         t0 = time.perf_counter()
         z = engine.model(images)
         t1 = time.perf_counter()
+        barrier()  # rank skew (a busy core) shows up here, not in the loss's gather
+        t1b = time.perf_counter()
         zl = z.detach().requires_grad_()
         loss = loss_fn(zl[:batch], zl[batch:])
         (grad_z,) = torch.autograd.grad(loss, zl)  # the gather's backward is a collective: timed here
@@ -76,7 +79,7 @@ def throughput(info: DistInfo, size: str, backend: str, batch: int, steps: int, 
         t3 = time.perf_counter()
         engine.step()
         t4 = time.perf_counter()
-        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for key, dt in zip(parts, (t1 - t0, t1b - t1, t2 - t1b, t3 - t2, t4 - t3)):
             parts[key] += dt
     elapsed = time.perf_counter() - start
     parts["lars"] = lars_s[0]
@@ -130,7 +133,7 @@ def main() -> None:
     warmup = 1 if args.quick else 3
     results: dict = {"engine": args.engine, "steps": steps, "sizes": {}}
     print(f"{'size':<10} {'procs':>5} {'batch/rank':>10} {'img/s/proc':>11} {'img/s total':>12} "
-          f"{'fwd ms':>8} {'loss+gather ms':>15} {'bwd ms':>8} {'allreduce ms':>13} {'LARS ms':>8}")
+          f"{'fwd ms':>8} {'wait ms':>8} {'loss+gather ms':>15} {'bwd ms':>8} {'allreduce ms':>13} {'LARS ms':>8}")
     for size, batch in sizes.items():
         row: dict = {}
         for procs in (1, 2):
@@ -139,7 +142,8 @@ def main() -> None:
             mean = {k: sum(r[k] for r in ranks) / procs for k in ranks[0]}
             row[f"{procs}proc"] = {**mean, "images_per_s_total": per_proc * procs}
             print(f"{size:<10} {procs:>5} {batch:>10} {per_proc:>11.1f} {per_proc * procs:>12.1f} "
-                  f"{1e3 * mean['forward']:>8.1f} {1e3 * mean['loss_gather']:>15.1f} {1e3 * mean['backward']:>8.1f} "
+                  f"{1e3 * mean['forward']:>8.1f} {1e3 * mean['wait']:>8.1f} {1e3 * mean['loss_gather']:>15.1f} "
+                  f"{1e3 * mean['backward']:>8.1f} "
                   f"{1e3 * mean['allreduce']:>13.1f} {1e3 * mean['lars']:>8.1f}")
         two = row["2proc"]
         row["scaling_efficiency"] = row["2proc"]["images_per_s_total"] / (2 * row["1proc"]["images_per_s_total"])
