@@ -9,7 +9,6 @@ just reports), and a fine-tuning whose outputs exist is read back instead of red
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from dist_cardio.finetune import BEST, FinetuneConfig, run_finetune
+from dist_cardio.gradcam import WARN_ABOVE, explain_files
 from dist_cardio.metrics import plot_confusion_matrix
+from dist_cardio.predict import evaluate_data, load_finetuned
 from dist_cardio.pretrain import PretrainConfig, run as run_pretrain
 from dist_cardio.render import RenderConfig, render_dataset
 from dist_cardio.shard import ShardConfig, shard_inputs, verify_shard_set
@@ -107,8 +108,6 @@ def evaluate(checkpoint: Path, data: Path, out: Path, subset: str = "auto", n_bo
 
     Writes `out/metrics.json` and `out/confusion_matrix.png` (recomputed on every run: it takes seconds).
     """
-    from dist_cardio.predict import evaluate_data, load_finetuned
-
     metrics = evaluate_data(load_finetuned(checkpoint), data, subset, n_bootstrap, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion_matrix(metrics, str(out / "confusion_matrix.png"))
@@ -118,9 +117,6 @@ def evaluate(checkpoint: Path, data: Path, out: Path, subset: str = "auto", n_bo
 
 def explain(checkpoint: Path, images: list[Path], out: Path, progress: bool = True) -> dict[str, Any]:
     """Grad-CAM overlays of `images` and the shortcut audit (attention outside the ECG grid) in `out`."""
-    from dist_cardio.gradcam import WARN_ABOVE, explain_files
-    from dist_cardio.predict import load_finetuned
-
     return explain_files(load_finetuned(checkpoint), images, out, None, WARN_ABOVE, progress=progress)
 
 
@@ -153,12 +149,12 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def with_model(cfg: FinetuneConfig, pre: PretrainConfig) -> FinetuneConfig:
-    """`cfg` with the pretraining architecture, so a from-scratch baseline is the same network."""
-    return dataclasses.replace(cfg, model=pre.model)
+def usable_cpus() -> int:
+    """CPUs this process may run on (the default number of render and shard workers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 __all__ = [
     "CONFIGS", "StageError", "Steps", "render_printouts", "build_shards", "pretrain", "pretrain_losses", "finetune",
-    "evaluate", "explain", "write_json", "metric_line", "metrics_table", "with_model",
+    "evaluate", "explain", "write_json", "metric_line", "metrics_table", "usable_cpus",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dist_cardio.records import SAMPLE_PTBXL, SUPERCLASSES
+from dist_cardio.records import SUPERCLASSES
 from dist_cardio.shard import read_manifest, verify_shard_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_demo_rejects_bad_counts(tmp_path: Path) -> None:
     result = demo(tmp_path / "out", "--steps", "0")
     assert result.returncode == 2
-    assert "--steps must be ≥ 1" in result.stdout
+    assert "--steps must be ≥ 1" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -102,3 +102,9 @@ def test_demo_writes_every_artifact_and_resumes(tmp_path: Path) -> None:
     assert "already fine-tuned" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert json.loads((out / "demo.json").read_text())["metrics"] == summary["metrics"]
+
+    # asking for a different pretraining length into the same folder is refused, and nothing is lost
+    third = demo(out, "--quick", "--steps", "13")
+    assert third.returncode == 1
+    assert "dist-cardio demo: error:" in third.stderr and "Traceback" not in third.stderr
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept

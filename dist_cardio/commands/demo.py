@@ -12,10 +12,12 @@ import argparse
 import csv
 import logging
 import math
-import os
+import sys
 import time
 from pathlib import Path
 
+from dist_cardio.checkpoint import CheckpointError
+from dist_cardio.finetune import load_finetune_config
 from dist_cardio.pipeline import (
     CONFIGS,
     StageError,
@@ -27,8 +29,10 @@ from dist_cardio.pipeline import (
     metrics_table,
     pretrain,
     render_printouts,
+    usable_cpus,
     write_json,
 )
+from dist_cardio.pretrain import load_pretrain_config
 from dist_cardio.records import SAMPLE_PTBXL
 from dist_cardio.render import RenderConfig
 
@@ -44,7 +48,7 @@ EXPLAINED = 4
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default ./demo-output); "
                         "running again into it resumes")
-    parser.add_argument("--workers", type=int, default=_usable_cpus(),
+    parser.add_argument("--workers", type=int, default=usable_cpus(),
                         help="processes for rendering and sharding (default: the CPUs this process may use)")
     parser.add_argument("--steps", type=int, help=f"pretraining steps (default {STEPS}, {QUICK_STEPS} with --quick)")
     parser.add_argument("--quick", action="store_true",
@@ -52,20 +56,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="   %(message)s")
     if args.workers < 1 or (args.steps is not None and args.steps < 1):
-        print("dist-cardio demo: error: --workers and --steps must be ≥ 1", flush=True)
+        print("dist-cardio demo: error: --workers and --steps must be ≥ 1", file=sys.stderr)
         return 2
     try:
         written = run_demo(args.out, args.workers, args.steps or (QUICK_STEPS if args.quick else STEPS), args.quick,
                            progress=not args.no_progress)
-    except StageError as e:
-        print(f"dist-cardio demo: error: {e}", flush=True)
+    except (StageError, CheckpointError) as e:  # CheckpointError: --steps changed since the run in --out
+        print(f"dist-cardio demo: error: {e}", file=sys.stderr)
         return 1
     print("\nwritten:")
     for name, path in written.items():
@@ -75,13 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_demo(out: Path, workers: int, steps: int, quick: bool, progress: bool = True) -> dict[str, Path]:
     """Run every stage into `out`; returns the artifacts written (name → path), also saved as `out/demo.json`."""
-    from dist_cardio.finetune import load_finetune_config
-    from dist_cardio.pretrain import load_pretrain_config
-
     started = time.perf_counter()
     step = Steps(6)
     render_dir, shards, pre_dir, ft_dir = out / "render", out / "shards", out / "pretrain", out / "finetune"
-    with step(f"render: {SAMPLE_PTBXL.name} sample (200 PTB-XL records) → {RENDER.dpi} dpi printouts"):
+    with step(f"render: the built-in sample (200 PTB-XL records) → {RENDER.dpi} dpi printouts"):
         render_printouts(SAMPLE_PTBXL, render_dir, RENDER, workers=workers)
     with step("shard: printouts → WebDataset shards with DALI indexes (unlabelled, for pretraining), then verify"):
         build_shards([render_dir / "images"], shards, workers=workers, progress=progress)
