@@ -9,14 +9,16 @@ seed gives the same loss sequence on either backend (``tests/test_engines.py``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from dist_cardio.distributed import DistInfo
+from dist_cardio.schedule import apply_lr
 
 
 @dataclass(frozen=True)
@@ -53,37 +55,51 @@ def zero_lars_refusal(stage: int) -> str:
     )
 
 
-class Engine(Protocol):
-    """What the trainer needs from a backend; one instance wraps one model and its optimizer."""
+class Engine(ABC):
+    """What the trainer needs from a backend; one instance wraps one model and its optimizer.
+
+    The backends differ in how they run the step; the LR, the weights and the optimizer state are
+    handled the same way on both, here, so a checkpoint written by one loads into the other.
+    """
 
     name: str
     model: nn.Module
     """Callable for the forward pass (the backend's wrapper: DeepSpeed engine or DDP)."""
     module: nn.Module
     """The bare model, for weights and evaluation."""
+    optimizer: torch.optim.Optimizer
+    """The client optimizer (LARS), as the backend wrapped it."""
     device: torch.device
     precision: str
 
+    @abstractmethod
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Move a batch to the engine's device, dtype and memory format."""
 
+    @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate ``d loss / d params`` locally; ranks synchronise in :meth:`step`."""
 
+    @abstractmethod
     def no_sync(self) -> AbstractContextManager[None]:
         """Context for all but the last backward of a step (no gradient all-reduce inside)."""
 
+    @abstractmethod
     def step(self) -> None:
         """Average gradients over ranks, apply the optimizer, clear the gradients."""
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every param group (the schedule is precomputed per step)."""
+        apply_lr(self.optimizer, lr)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"model": fp32 weights, "optimizer": ...}``: tensors and plain values only."""
+        return {"model": fp32_weights(self.module), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def build_engine(

@@ -34,10 +34,9 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
 
 from dist_cardio.distributed import DistInfo  # noqa: E402
-from dist_cardio.engines import EngineConfig, fp32_weights, zero_lars_refusal  # noqa: E402
+from dist_cardio.engines import Engine, EngineConfig, zero_lars_refusal  # noqa: E402
 from dist_cardio.lars import LARS  # noqa: E402
 from dist_cardio.model import memory_format  # noqa: E402
-from dist_cardio.schedule import apply_lr  # noqa: E402
 
 
 def deepspeed_config(cfg: EngineConfig, precision: str, micro_batch: int) -> dict[str, Any]:
@@ -58,7 +57,7 @@ def deepspeed_config(cfg: EngineConfig, precision: str, micro_batch: int) -> dic
     return ds
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """:class:`dist_cardio.engines.Engine` over a ``deepspeed.DeepSpeedEngine``."""
 
     name = "deepspeed"
@@ -79,7 +78,7 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.precision, micro_batch), dist_init_required=False
         )
         self._engine = engine
-        self._optimizer = ds_optimizer
+        self.optimizer = ds_optimizer
         self.model: nn.Module = engine
         self.module: nn.Module = engine.module
 
@@ -95,16 +94,6 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         self._engine.step()  # all-reduce (mean), optimizer step, zero the gradients
-
-    def set_lr(self, lr: float) -> None:
-        apply_lr(self._optimizer, lr)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": fp32_weights(self.module), "optimizer": self._optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self._optimizer.load_state_dict(state["optimizer"])
 
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
