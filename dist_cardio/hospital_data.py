@@ -13,7 +13,6 @@ and left out; the rest is still used.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from dist_cardio.page import GridBox, PageConfig, apply_page, prepare_page
 from dist_cardio.shard.imagecheck import BadImage, check_structure, open_image
-from dist_cardio.shard.labels import parse_label
+from dist_cardio.shard.labels import parse_label, read_label_rows
 from dist_cardio.shard.manifest import read_samples
 from dist_cardio.shard.sources import IMAGE_SUFFIXES
 from dist_cardio.shard.writer import read_shard
@@ -142,12 +141,7 @@ def _fold(value: str, where: str) -> int | None:
 
 
 def _read_csv(csv_path: Path) -> HospitalData:
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "path" not in columns or "label" not in columns:
-            raise ValueError(f"{csv_path}: needs columns 'path' and 'label' (has: {', '.join(columns) or 'none'})")
-        rows = list(reader)
+    rows = read_label_rows(csv_path)
     base = csv_path.parent
     items, unlabeled, multilabel = [], 0, False
     for i, row in enumerate(rows):

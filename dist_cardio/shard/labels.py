@@ -27,6 +27,16 @@ def parse_label(text: str) -> Label:
     return text
 
 
+def read_label_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a ``path,label[,...]`` CSV (a BOM from spreadsheet exports is dropped); one-line error if a column is missing."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "path" not in columns or "label" not in columns:
+            raise ValueError(f"{csv_path}: needs columns 'path' and 'label' (has: {', '.join(columns) or 'none'})")
+        return list(reader)
+
+
 def _norm(path: str) -> str:
     return posixpath.normpath(path.replace("\\", "/").strip().lstrip("/"))
 
@@ -51,12 +61,7 @@ class CsvLabels:
     def __init__(self, csv_path: Path) -> None:
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path}: labels CSV not found (pass --labels folders or an existing CSV)")
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            if "path" not in columns or "label" not in columns:
-                raise ValueError(f"{csv_path}: needs columns 'path' and 'label' (has: {', '.join(columns) or 'none'})")
-            rows = list(reader)
+        rows = read_label_rows(csv_path)
         base = csv_path.parent.absolute()
         self._rows: list[tuple[Label, dict[str, str]]] = []
         self._by_path: dict[str, int] = {}
