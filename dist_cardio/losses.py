@@ -104,9 +104,21 @@ def hybrid_loss(
         return loss + cos_weight * (1.0 - cos).mean()
 
 
+def embedding_spread(z: torch.Tensor) -> torch.Tensor:
+    """√d × the mean per-dimension std of the L2-normalised rows of ``z`` ``[N, d]`` (no gradient).
+
+    About 1 when the embeddings are spread over the sphere, 0 when every image maps to the same point:
+    the collapse check of SimSiam (Chen & He 2021). A contrastive run whose spread stays near 0 after
+    warmup has stopped learning (its NT-Xent sits at ln(2B − 1)), which the loss alone hides when the
+    loss is not yet expected to fall.
+    """
+    with torch.no_grad():
+        return F.normalize(z.detach().float(), dim=1).std(dim=0).mean() * z.shape[1] ** 0.5
+
+
 def make_loss(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss_fn(z1, z2)`` for the trainer and :func:`dist_cardio.gradcache.cached_contrastive_step`."""
     return partial(hybrid_loss, temperature=cfg.temperature, cos_weight=cfg.cos_weight, gather=cfg.gather)
 
 
-__all__ = ["LossConfig", "nt_xent", "hybrid_loss", "make_loss"]
+__all__ = ["LossConfig", "nt_xent", "hybrid_loss", "embedding_spread", "make_loss"]

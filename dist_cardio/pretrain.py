@@ -32,7 +32,7 @@ from dist_cardio.data import AugmentConfig, LoaderConfig, contrastive_loader
 from dist_cardio.engines import Engine, EngineConfig, build_engine, zero_lars_refusal
 from dist_cardio.gradcache import cached_contrastive_step
 from dist_cardio.lars import LarsConfig, build_lars
-from dist_cardio.losses import LossConfig, make_loss
+from dist_cardio.losses import LossConfig, embedding_spread, make_loss
 from dist_cardio.model import ModelConfig, SimCardioNet
 from dist_cardio.schedule import ScheduleConfig, scaled_lr, warmup_cosine
 
@@ -178,11 +178,11 @@ class RunLog:
             return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for key in ("loss", "lr", "images_per_s", "data_s", "step_s"):
+        for key in ("loss", "spread", "lr", "images_per_s", "data_s", "step_s"):
             self.tb.add_scalar(f"pretrain/{key}", row[key], row["step"])
         eta = (self.total - row["step"]) * row["step_s"]
         self.text(
-            f"step {row['step']}/{self.total} | loss {row['loss']:.4f} | lr {row['lr']:.4g} | "
+            f"step {row['step']}/{self.total} | loss {row['loss']:.4f} | spread {row['spread']:.3f} | lr {row['lr']:.4g} | "
             f"{row['images_per_s']:.1f} img/s | data {1000 * row['data_s']:.0f} ms | "
             f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         )
@@ -190,6 +190,21 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+COLLAPSED_SPREAD = 0.05
+"""Below this :func:`~dist_cardio.losses.embedding_spread` after warmup, the run has collapsed."""
+
+
+def collapse_warning(spread: float, loss: float, global_batch: int) -> str:
+    """What a collapsed run means and what to change (printed once, after warmup)."""
+    return (
+        f"warning: the embeddings have collapsed (spread {spread:.3f} < {COLLAPSED_SPREAD}; loss {loss:.4f}, chance "
+        f"ln(2·{global_batch} − 1) = {np.log(2 * global_batch - 1):.4f}): every image maps to about the same point, "
+        "so the network is no longer learning. The views are too different for this model and input size "
+        "(raise augment.crop_scale's lower bound, soften colour jitter, or use a larger model.input_size) "
+        "or the LR is too high (lower schedule.base_lr)."
+    )
 
 
 def _row_step(line: str) -> float:
@@ -208,10 +223,16 @@ def plot_loss_curve(metrics: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-    ax.set(xlabel="step", ylabel="contrastive loss", title="SimCardioNet pretraining")
+    steps = [r["step"] for r in rows]
+    fig, (ax, ax_spread) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1.4))
+    ax.plot(steps, [r["loss"] for r in rows], lw=1.2)
+    ax.set(ylabel="contrastive loss", title="SimCardioNet pretraining")
     ax.grid(alpha=0.3)
+    ax_spread.plot(steps, [r.get("spread", float("nan")) for r in rows], lw=1.2, color="tab:green")
+    ax_spread.axhline(COLLAPSED_SPREAD, color="tab:red", lw=0.8, ls="--", label="collapsed below")
+    ax_spread.set(xlabel="step", ylabel="embedding spread", ylim=(0, None))
+    ax_spread.legend(fontsize=8, loc="upper right")
+    ax_spread.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -325,10 +346,18 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
     if info.is_main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     log.text(("resuming at step %d: " % start if start else "") + plan.describe(cfg, engine.precision))
-    loss_fn = make_loss(cfg.loss)
+    contrastive = make_loss(cfg.loss)
+    spread = [torch.zeros(())]
+
+    def loss_fn(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        spread[0] = embedding_spread(torch.cat([z1, z2]))  # called once per step, on all local embeddings
+        return contrastive(z1, z2)
+
+    warned = False
     chunk = cfg.grad_cache_chunk or 2 * cfg.data.batch_size
     step, interrupted, last_saved, last_loss = start, False, start, None
     window: list[float] = []
+    spreads: list[float] = []
     data_s = step_s = 0.0
     t_window = time.perf_counter()
     batches = _batches(loader)
@@ -345,19 +374,25 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
                 step += 1
                 # One small all-reduce per step: the logged loss (mean over ranks) and whether any rank got SIGTERM.
                 flag = torch.tensor(float(stop.requested), device=loss.device)
-                synced = distributed.all_reduce_mean(torch.stack([loss.float(), flag]))
+                synced = distributed.all_reduce_mean(torch.stack([loss.float(), spread[0].to(loss.device), flag]))
                 last_loss = float(synced[0])
                 window.append(last_loss)
-                interrupted = bool(synced[1] > 0) and step < plan.total_steps  # a finished run is not interrupted
+                spreads.append(float(synced[1]))
+                interrupted = bool(synced[2] > 0) and step < plan.total_steps  # a finished run is not interrupted
                 step_s += time.perf_counter() - t0
                 if step % cfg.log_every == 0 or step == plan.total_steps or interrupted:
                     elapsed = time.perf_counter() - t_window
                     n = len(window)
-                    log.row({
-                        "step": step, "epoch": epoch, "loss": sum(window) / n, "lr": float(plan.lrs[step - 1]),
-                        "images_per_s": n * plan.global_batch / elapsed, "data_s": data_s / n, "step_s": step_s / n,
-                    })
-                    window, data_s, step_s, t_window = [], 0.0, 0.0, time.perf_counter()
+                    row = {
+                        "step": step, "epoch": epoch, "loss": sum(window) / n, "spread": sum(spreads) / n,
+                        "lr": float(plan.lrs[step - 1]), "images_per_s": n * plan.global_batch / elapsed,
+                        "data_s": data_s / n, "step_s": step_s / n,
+                    }
+                    log.row(row)
+                    if not warned and step > plan.warmup_steps and row["spread"] < COLLAPSED_SPREAD:
+                        warned = True
+                        log.text(collapse_warning(row["spread"], row["loss"], plan.global_batch))
+                    window, spreads, data_s, step_s, t_window = [], [], 0.0, 0.0, time.perf_counter()
                 if step % cfg.checkpoint.every == 0 or step == plan.total_steps or interrupted:
                     _save(manager, engine, loader, cfg, plan, tag, step)
                     last_saved = step

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_cardio.distributed import DistInfo, all_reduce_mean, run_local_processes
-from dist_cardio.losses import LossConfig, hybrid_loss, make_loss, nt_xent
+from dist_cardio.losses import LossConfig, embedding_spread, hybrid_loss, make_loss, nt_xent
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -79,6 +79,21 @@ def test_low_precision_and_autocast_compute_in_fp32():
         plain = nt_xent(a.float(), b.float(), 0.1)
     assert out.dtype == torch.float32 and plain.dtype == torch.float32
     torch.testing.assert_close(plain.double(), ref, rtol=1e-6, atol=1e-6)  # autocast did not drop to bf16
+
+
+def test_embedding_spread_separates_spread_from_collapsed_embeddings():
+    torch.manual_seed(0)
+    spread = torch.randn(4096, 32)
+    assert float(embedding_spread(spread)) == pytest.approx(1.0, abs=0.02)  # isotropic: std 1/√d per dim
+    assert float(embedding_spread(spread * 7.0)) == pytest.approx(float(embedding_spread(spread)), rel=1e-5)
+    # every row the same direction (different lengths): collapsed, whatever the norm
+    collapsed = torch.randn(1, 32) * torch.rand(256, 1).add(0.5)
+    assert float(embedding_spread(collapsed)) < 1e-5
+    # a shared offset much larger than the differences (how a network starts) reads as nearly collapsed
+    start = torch.randn(1, 32) * 10 + torch.randn(256, 32) * 0.3
+    assert 0.0 < float(embedding_spread(start)) < 0.1
+    z = torch.randn(8, 32, requires_grad=True)
+    assert not embedding_spread(z).requires_grad
 
 
 def test_bad_inputs_raise():

@@ -87,6 +87,8 @@ def test_run_writes_logs_curve_checkpoints_and_a_summary(straight_run):
     losses = _metrics(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in losses.values())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 < r["spread"] < 1.5 for r in rows)  # the collapse monitor is logged on every row
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000030.pt", "step-00000040.pt"]
@@ -104,7 +106,7 @@ def test_progress_lines_and_derived_values_are_printed(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 8 (8 per rank × 1 ranks); peak LR 0.5657" in result.stdout  # 0.2 × √8
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
-    assert len(lines) == 2 and all(k in lines[0] for k in ("loss", "lr", "img/s", "data", "eta"))
+    assert len(lines) == 2 and all(k in lines[0] for k in ("loss", "spread", "lr", "img/s", "data", "eta"))
 
 
 def test_sigterm_then_resume_gives_the_uninterrupted_run(shards, straight_run, tmp_path):
@@ -124,6 +126,18 @@ def test_sigterm_then_resume_gives_the_uninterrupted_run(shards, straight_run, t
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     a, b = _latest(straight_run)["model"], _latest(out)["model"]
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_a_collapsing_run_is_flagged_once_after_warmup(shards, tmp_path):
+    # Decay every weight matrix to ~0 within a few steps: all images then map to the same embedding.
+    out = tmp_path / "run"
+    result = _run(_command(shards, out, "steps=24", "optim.weight_decay=100", "optim.trust_coefficient=0.5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["spread"] < 0.05 and rows[-1]["loss"] == pytest.approx(math.log(2 * 8 - 1), abs=0.01)
+    assert result.stdout.count("warning: the embeddings have collapsed") == 1
+    warned_at = next(i for i, line in enumerate(result.stdout.splitlines()) if "have collapsed" in line)
+    assert "warmup 12 steps" in result.stdout and "step 13/24" in result.stdout.splitlines()[warned_at - 1]
 
 
 def test_damaged_checkpoint_stops_the_run_with_a_clear_error(shards, straight_run, tmp_path):
@@ -195,3 +209,6 @@ def test_loss_falls_on_real_ptbxl_printouts(shared_data, tmp_path):
     assert losses[0] > chance - 0.2
     assert losses[-1] < chance - 1.0, losses
     assert min(losses[-3:]) < min(losses[:3])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["spread"] > 2 * rows[0]["spread"] and rows[-1]["spread"] > 0.05  # spreading out, not collapsing
+    assert "have collapsed" not in result.stdout
