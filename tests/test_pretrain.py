@@ -74,6 +74,16 @@ def _interrupt_after(cmd: list[str], out: Path, step: int, timeout: float = 300)
     return proc, output
 
 
+def _assert_same_run(expected_out: Path, out: Path) -> None:
+    """The resumed run logged the same losses and ended with the same weights as the uninterrupted one."""
+    expected, got = _metrics(expected_out), _metrics(out)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    a, b = _latest(expected_out)["model"], _latest(out)["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
 @pytest.fixture(scope="module")
 def straight_run(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "run"
@@ -120,12 +130,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_run(shards, straight_run, t
     result = _run(_command(shards, out))  # the same command resumes by itself
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming at step {stopped}" in result.stdout
-    expected, got = _metrics(straight_run), _metrics(out)
-    assert sorted(got) == sorted(expected)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
-    a, b = _latest(straight_run)["model"], _latest(out)["model"]
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    _assert_same_run(straight_run, out)
 
 
 def test_a_collapsing_run_is_flagged_once_after_warmup(shards, tmp_path):
@@ -188,12 +193,7 @@ def test_two_process_torchrun_sigterm_and_resume(shards, tmp_path, backend):
     assert len(_latest(out)["data"]) == 2  # each rank's data position
     result = _run(_command(shards, out, *extra, launcher=torchrun), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected, got = _metrics(straight), _metrics(out)
-    assert sorted(got) == sorted(expected)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
-    a, b = _latest(straight)["model"], _latest(out)["model"]
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    _assert_same_run(straight, out)
 
 
 @pytest.mark.slow
