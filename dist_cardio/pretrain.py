@@ -241,15 +241,6 @@ def plot_loss_curve(metrics: Path, png: Path) -> None:
 # --- checkpoint state -----------------------------------------------------------------------------------
 
 
-def _all_ranks(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (RNG states and data positions are per rank)."""
-    if distributed.get_world_size() == 1:
-        return [value]
-    gathered: list[Any] = [None] * distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 def _engine_tag(cfg: PretrainConfig, precision: str) -> str:
     return f"{cfg.engine.backend}/zero{cfg.engine.zero_stage}/{precision}"
 
@@ -274,8 +265,8 @@ def _check_compatible(state: dict[str, Any], cfg: PretrainConfig, plan: Plan, ta
 
 
 def _save(manager: CheckpointManager, engine: Engine, loader: Any, cfg: PretrainConfig, plan: Plan, tag: str, step: int) -> Path:
-    """Gather per-rank state, rank 0 writes; every rank waits until ``latest`` is on disk."""
-    rngs, data = _all_ranks(rng_state()), _all_ranks(loader.state_dict())
+    """Gather per-rank state (RNG, data position), rank 0 writes; every rank waits until ``latest`` is on disk."""
+    rngs, data = distributed.all_gather_object(rng_state()), distributed.all_gather_object(loader.state_dict())
     path = manager.latest
     if distributed.is_main():
         path = manager.save(
@@ -308,7 +299,7 @@ def _batches(loader: Any) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tenso
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or resume) as ``cfg`` says; returns a summary (steps, final loss, checkpoint, interrupted)."""
-    owns_group = not torch.distributed.is_initialized()
+    owns_group = not distributed.is_initialized()
     info = distributed.init_distributed(require_group=cfg.engine.backend == "deepspeed")
     try:
         return _train(cfg, info)
