@@ -8,7 +8,7 @@ baseline is what a user writes with stock parts: ``webdataset.decode("pil")`` th
 fallback (DCT-scaled JPEG decode) is shown as a third column.
 
 Data: (a) full-size printouts rendered from PTB-XL at 200 dpi (2339×1654 JPEG q90, via
-``dist_cardio.render``), (b) the 52 real printouts of ``ecg-printouts`` (mixed sizes and formats).
+``dist_cardio.signals.render``), (b) the 52 real printouts of ``ecg-printouts`` (mixed sizes and formats).
 Rendered pages and shards are cached under ``--work``.
 
     .venv/bin/python benchmarks/loader.py --quick
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from dist_cardio.data import AugmentConfig, LoaderConfig, contrastive_loader
 from dist_cardio.data.torchvision_pipeline import SampleViews
-from dist_cardio.render import RenderConfig, render_dataset
+from dist_cardio.signals.render import RenderConfig, render_dataset
 from dist_cardio.shard import ShardConfig, shard_inputs
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_cardio.finetune import FinetuneConfig, StageConfig, load_finetune_config
+from dist_cardio.downstream.finetune import FinetuneConfig, StageConfig, load_finetune_config
 from dist_cardio.pipeline import (
     CONFIGS,
     Steps,
@@ -66,9 +66,9 @@ from dist_cardio.pipeline import (
     usable_cpus,
     write_json,
 )
-from dist_cardio.pretrain import PretrainConfig, load_pretrain_config
-from dist_cardio.records import read_id_list
-from dist_cardio.render import RenderConfig
+from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config
+from dist_cardio.signals.records import read_id_list
+from dist_cardio.signals.render import RenderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LABELLED = "ptbxl-500"

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dist_cardio.records import SAMPLE_PTBXL, list_records, load_record
-from dist_cardio.render import (
+from dist_cardio.signals.records import SAMPLE_PTBXL, list_records, load_record
+from dist_cardio.signals.render import (
     RenderConfig,
     header_text,
     record_rng,

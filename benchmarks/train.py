@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from dist_cardio.distributed import DistInfo, barrier, run_local_processes
-from dist_cardio.engines import EngineConfig, build_engine
-from dist_cardio.gradcache import cached_contrastive_step
-from dist_cardio.lars import LarsConfig, build_lars
-from dist_cardio.losses import LossConfig, make_loss
+from dist_cardio.train.engines import EngineConfig, build_engine
+from dist_cardio.train.gradcache import cached_contrastive_step
+from dist_cardio.train.lars import LarsConfig, build_lars
+from dist_cardio.train.losses import LossConfig, make_loss
 from dist_cardio.model import SimCardioNet, count_flops, count_parameters, preset
 
 H100_BF16_DENSE = 990e12  # FLOP/s, dense bf16 tensor cores (SXM datasheet)

@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dist_cardio.finetune import BEST, FinetuneConfig, run_finetune
-from dist_cardio.gradcam import WARN_ABOVE, explain_files
-from dist_cardio.metrics import plot_confusion_matrix
-from dist_cardio.predict import evaluate_data, load_finetuned
-from dist_cardio.pretrain import PretrainConfig, run as run_pretrain
-from dist_cardio.render import RenderConfig, render_dataset
+from dist_cardio.downstream.finetune import BEST, FinetuneConfig, run_finetune
+from dist_cardio.downstream.gradcam import WARN_ABOVE, explain_files
+from dist_cardio.downstream.metrics import plot_confusion_matrix
+from dist_cardio.downstream.predict import evaluate_data, load_finetuned
+from dist_cardio.train.pretrain import PretrainConfig, run as run_pretrain
+from dist_cardio.signals.render import RenderConfig, render_dataset
 from dist_cardio.shard import ShardConfig, shard_inputs, verify_shard_set
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

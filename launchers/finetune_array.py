@@ -29,7 +29,7 @@ from launchers.slurm import (
 from launchers.table import format_table
 
 if TYPE_CHECKING:
-    from dist_cardio.finetune import FinetuneConfig
+    from dist_cardio.downstream.finetune import FinetuneConfig
 
 STATUS_NAME = "status.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -92,7 +92,7 @@ class HospitalTask:
 
 def run_hospital(task: HospitalTask) -> dict[str, Any]:
     """Fine-tune one hospital; its ``status.json`` records the outcome, failed or not."""
-    from dist_cardio.finetune import run_finetune
+    from dist_cardio.downstream.finetune import run_finetune
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(task.out)
@@ -183,7 +183,7 @@ def submit_finetune(hospitals_path: Path, checkpoint: Path, config: Path | None,
                     res: SlurmResources, root: Path, *, array_parallelism: int, local: bool, dry_run: bool,
                     wait: bool, command: str) -> int:
     """Validate every hospital's config, then queue one array element per hospital and the summary job."""
-    from dist_cardio.finetune import load_finetune_config
+    from dist_cardio.downstream.finetune import load_finetune_config
 
     if res.nodes != 1 or res.gpus_per_node > 1:
         raise LaunchError("fine-tuning runs one process per hospital on one node: use --gpus-per-node 0 or 1")

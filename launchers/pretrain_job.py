@@ -20,7 +20,7 @@ def submit_pretrain(config: Path, overrides: list[str], res: SlurmResources, roo
                     local: bool, dry_run: bool, wait: bool, command: str) -> int:
     """Resolve the config, check the request, queue the job and leave its record; 0 when queued (or,
     with ``wait``/``local``, when it finished)."""
-    from dist_cardio.pretrain import load_pretrain_config, run
+    from dist_cardio.train.pretrain import load_pretrain_config, run
 
     if max_requeues < 0:
         raise LaunchError(f"--max-requeues {max_requeues}: cannot be negative")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dist_cardio.records import SUPERCLASSES
+from dist_cardio.signals.records import SUPERCLASSES
 from dist_cardio.shard import read_manifest, verify_shard_set
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from dist_cardio.checkpoint import CheckpointError
-from dist_cardio.finetune import load_finetune_config
+from dist_cardio.train.checkpoint import CheckpointError
+from dist_cardio.downstream.finetune import load_finetune_config
 from dist_cardio.pipeline import (
     CONFIGS,
     StageError,
@@ -32,9 +32,9 @@ from dist_cardio.pipeline import (
     usable_cpus,
     write_json,
 )
-from dist_cardio.pretrain import load_pretrain_config
-from dist_cardio.records import SAMPLE_PTBXL
-from dist_cardio.render import RenderConfig
+from dist_cardio.train.pretrain import load_pretrain_config
+from dist_cardio.signals.records import SAMPLE_PTBXL
+from dist_cardio.signals.render import RenderConfig
 
 RENDER = RenderConfig(dpi=100)
 """100 dpi: 1169×827 pages, ~20 KB PNGs, ~30 pages/s on 2 cores; the 1 mm grid is still 4 px apart."""

@@ -8,8 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-from dist_cardio.metrics import plot_confusion_matrix
-from dist_cardio.predict import evaluate_data, load_finetuned
+from dist_cardio.downstream.metrics import plot_confusion_matrix
+from dist_cardio.downstream.predict import evaluate_data, load_finetuned
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from dist_cardio.gradcam import WARN_ABOVE, explain_files
-from dist_cardio.predict import image_files, load_finetuned
+from dist_cardio.downstream.gradcam import WARN_ABOVE, explain_files
+from dist_cardio.downstream.predict import image_files, load_finetuned
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

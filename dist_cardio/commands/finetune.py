@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from dist_cardio.finetune import load_finetune_config, run_finetune
+from dist_cardio.downstream.finetune import load_finetune_config, run_finetune
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

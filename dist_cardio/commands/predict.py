@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dist_cardio.predict import image_files, load_finetuned, predict_files, write_predictions
+from dist_cardio.downstream.predict import image_files, load_finetuned, predict_files, write_predictions
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -24,8 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_cardio.checkpoint import CheckpointError
-    from dist_cardio.pretrain import load_pretrain_config, run as run_pretrain
+    from dist_cardio.train.checkpoint import CheckpointError
+    from dist_cardio.train.pretrain import load_pretrain_config, run as run_pretrain
 
     cfg = load_pretrain_config(args.config, args.set)
     if args.out is not None:

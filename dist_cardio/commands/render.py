@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from dist_cardio.config import load_config
-from dist_cardio.records import SAMPLE_PTBXL, InputError, read_id_list
-from dist_cardio.render import RenderConfig, render_dataset
+from dist_cardio.signals.records import SAMPLE_PTBXL, InputError, read_id_list
+from dist_cardio.signals.render import RenderConfig, render_dataset
 
 # Flags named after RenderConfig fields; one given on the command line overrides --config and --set.
 _FIELD_FLAGS = ("dpi", "grid", "line_width", "rotation", "noise", "blur", "format", "jpeg_quality")

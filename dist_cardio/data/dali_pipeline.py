@@ -30,7 +30,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from dist_cardio.data.augment import AugmentConfig
-from dist_cardio.data.loader import Plan
+from dist_cardio.data.plan import LoaderPlan
 from dist_cardio.data.shardset import IMAGE_EXTS, ShardDataError, rank_span
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -40,7 +40,7 @@ GREY_WEIGHTS = (0.299, 0.587, 0.114)
 class DaliBackend:
     """Builds and runs one rank's per-epoch DALI pipelines."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: LoaderPlan) -> None:
         self.plan = plan
         self.device_id = torch.cuda.current_device() if plan.device == "gpu" else None
         self._pipe: Pipeline | None = None
@@ -120,7 +120,7 @@ class DaliBackend:
 
 
 @pipeline_def
-def _pipeline(plan: Plan, paths: list[str], index_paths: list[str], reader_seed: int):
+def _pipeline(plan: LoaderPlan, paths: list[str], index_paths: list[str], reader_seed: int):
     aug, cfg = plan.aug, plan.cfg
     exts = [";".join(IMAGE_EXTS)] + (["json"] if plan.with_json else [])
     outputs = fn.readers.webdataset(

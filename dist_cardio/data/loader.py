@@ -23,107 +23,24 @@ import hashlib
 import json
 import logging
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 
 from dist_cardio.config import to_dict
 from dist_cardio.data.augment import AugmentConfig
-from dist_cardio.data.shardset import ShardDataError, ShardSet, open_shard_set, rank_span
+from dist_cardio.data.plan import Backend, LoaderConfig, LoaderPlan
+from dist_cardio.data.shardset import ShardDataError, ShardView, open_shard_set
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class LoaderConfig:
-    """Where the shards are and how one rank batches them (``data:`` section of the configs)."""
-
-    shards: str = ""
-    """Shard folder written by ``dist-cardio shard`` (or any folder of WebDataset ``*.tar`` files)."""
-    batch_size: int = 32
-    """Samples per batch on each rank; the global batch is ``batch_size × world_size``."""
-    num_threads: int = 2
-    """DALI CPU worker threads, or DataLoader worker processes for the torchvision backend."""
-    backend: Literal["auto", "dali", "torchvision"] = "auto"
-    """``auto``: DALI when it is installed, else the torchvision fallback (same augmentations)."""
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    """Where DALI decodes and augments: ``auto`` is the GPU when CUDA is available (nvJPEG ``mixed``
-    decoding, outputs on the rank's current CUDA device), else DALI's CPU-only mode."""
-    decode: Literal["auto", "full", "crop", "reduced"] = "auto"
-    """How much of a ~2200×1600 page is decoded for 224² views. ``full``: decode the page once, cut both
-    views from it. ``crop``: fused decode + random crop per view (DALI ``decoders.image_random_crop``),
-    which never materialises the whole page. ``reduced``: JPEG DCT-scaled decode down to the smallest
-    size that still holds the smallest crop at full output resolution (torchvision backend only).
-    ``auto``: DALI CPU → ``full`` (measured: two fused crop decodes cost more than one full decode on
-    CPU, because libjpeg still entropy-decodes every row above a crop's bottom edge); DALI GPU → ``crop``
-    (a decoded page is 11.6 MB of GPU memory, 3 GB per 256-image batch, which the fused path never
-    allocates); torchvision → ``reduced`` (fewer pixels is the lever for a CPU decoder)."""
-    seed: int = 0
-    """Base seed of shuffling and augmentation; each (epoch, rank) derives its own from it."""
-    shuffle: bool = True
-    """Shuffle in training: tar order per epoch (all ranks alike) plus a sample buffer per rank (DALI),
-    or one global permutation per epoch (torchvision)."""
-    shuffle_buffer: int = 512
-    """DALI reader shuffle buffer in samples; it holds encoded images (~1.4 MB each at full size)."""
-    prefetch: int = 2
-    """Batches prepared ahead (DALI ``prefetch_queue_depth``; DataLoader ``prefetch_factor``)."""
-    check: Literal["auto", "always", "never"] = "auto"
-    """Pre-check images before reading: ``auto`` checks shards not validated when written (no manifest
-    listing them), ``always`` all shards, ``never`` none (a bad image then stops DALI mid-epoch)."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if self.prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a backend needs to build one rank's epochs (resolved from the configs)."""
-
-    shard_set: ShardSet
-    cfg: LoaderConfig
-    aug: AugmentConfig
-    rank: int
-    world_size: int
-    train: bool
-    views: int
-    """2 for contrastive pairs, 1 for labelled batches."""
-    with_json: bool
-    backend: str
-    device: str
-    decode: str
-
-    @property
-    def batches(self) -> int:
-        """Batches per epoch on this rank: full batches only in training, all samples in evaluation."""
-        n, b = self.shard_set.total, self.cfg.batch_size
-        if self.train:
-            return (n // self.world_size) // b
-        start, stop = rank_span(n, self.rank, self.world_size)
-        return -(-(stop - start) // b)
-
-
-class Backend(Protocol):
-    def epoch(self, epoch: int, start: int, restore: bytes | None) -> Iterator[tuple[Any, ...]]:
-        """Batches ``start..`` of ``epoch``: ``(view1, view2)`` or ``(images, json_bytes_list)``."""
-
-    def checkpoint(self) -> bytes | None:
-        """Engine state after the last batch the live epoch yielded (None: the position alone suffices)."""
-
-
 class ShardLoader:
     """One rank's epochs over a shard set, resumable at any batch."""
 
-    def __init__(self, plan: Plan, backend: Backend, labels: LabelCoder | None) -> None:
+    def __init__(self, plan: LoaderPlan, backend: Backend, labels: LabelCoder | None) -> None:
         self.plan = plan
         self._backend = backend
         self._labels = labels
@@ -259,7 +176,7 @@ def labeled_loader(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size:
 
 
 def _plan(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int, *, train: bool, views: int,
-          with_json: bool, keys: Collection[str] | None) -> Plan:
+          with_json: bool, keys: Collection[str] | None) -> LoaderPlan:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     if not cfg.shards:
@@ -277,14 +194,14 @@ def _plan(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int, *, 
     if not train and per_rank < 1:
         raise ShardDataError(f"{shard_set.root}: {n} samples for {world_size} ranks; use fewer ranks")
     _precheck(shard_set, cfg, rank, world_size, with_json)
-    plan = Plan(shard_set, cfg, aug, rank, world_size, train, views, with_json, backend, device, decode)
+    plan = LoaderPlan(shard_set, cfg, aug, rank, world_size, train, views, with_json, backend, device, decode)
     if rank == 0:
         log.info("loader: %s on %s (decode %s), %d samples in %d shards, %d batches of %d per rank and epoch",
                  backend, device, decode, n, len(shard_set.tars), plan.batches, cfg.batch_size)
     return plan
 
 
-def _precheck(shard_set: ShardSet, cfg: LoaderConfig, rank: int, world_size: int, with_json: bool) -> None:
+def _precheck(shard_set: ShardView, cfg: LoaderConfig, rank: int, world_size: int, with_json: bool) -> None:
     """Check the images of unvalidated shards; each rank takes every world_size-th shard (a failure stops
     that rank with the shard and key named, and the launcher then stops the others)."""
     if cfg.check == "never":
@@ -298,7 +215,7 @@ def _precheck(shard_set: ShardSet, cfg: LoaderConfig, rank: int, world_size: int
         shard_set.check(mine, with_json, progress=rank == 0)
 
 
-def _backend(plan: Plan) -> Backend:
+def _backend(plan: LoaderPlan) -> Backend:
     if plan.backend == "dali":
         from dist_cardio.data.dali_pipeline import DaliBackend
 
@@ -345,7 +262,7 @@ def _resolve_decode(name: str, backend: str, device: str) -> str:
     return name
 
 
-def _settings(plan: Plan, labels: LabelCoder | None) -> dict[str, Any]:
+def _settings(plan: LoaderPlan, labels: LabelCoder | None) -> dict[str, Any]:
     """What the sample order and the augmentation draws depend on; compared on resume."""
     shards = hashlib.sha256(json.dumps([[t.name, c] for t, c in zip(plan.shard_set.tars, plan.shard_set.counts)])
                             .encode()).hexdigest()[:16]

@@ -33,7 +33,7 @@ class ShardDataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One sample of a shard: its key, the shard's position in ``ShardSet.tars``, image and json members."""
+    """One sample of a shard: its key, the shard's position in ``ShardView.tars``, image and json members."""
 
     key: str
     shard: int
@@ -42,7 +42,7 @@ class Sample:
 
 
 @dataclass
-class ShardSet:
+class ShardView:
     """The tars of a shard directory (in manifest order), their indexes and sample counts."""
 
     root: Path
@@ -74,7 +74,7 @@ class ShardSet:
             self._tmp = tempfile.TemporaryDirectory(prefix="dist-cardio-idx-")
         return Path(self._tmp.name)
 
-    def select(self, keys: Collection[str]) -> ShardSet:
+    def select(self, keys: Collection[str]) -> ShardView:
         """Only the samples whose key is in ``keys`` (e.g. one fine-tuning split), via filtered indexes."""
         wanted = set(keys)
         found: set[str] = set()
@@ -96,7 +96,7 @@ class ShardSet:
             example = sorted(missing)[0]
             raise ShardDataError(f"{self.root}: {len(missing)} of the {len(wanted)} requested keys are not in this shard set "
                                  f"(e.g. {example}); pass keys from its samples.jsonl")
-        return ShardSet(self.root, tars, indexes, counts, validated, self._tmp)
+        return ShardView(self.root, tars, indexes, counts, validated, self._tmp)
 
     def check(self, shards: Iterable[int], need_json: bool, progress: bool = True) -> None:
         """Decode-check every image of ``shards``; raises ShardDataError naming the first bad shard and key."""
@@ -139,7 +139,7 @@ class ShardSet:
         return None
 
 
-def open_shard_set(root: str | Path) -> ShardSet:
+def open_shard_set(root: str | Path) -> ShardView:
     """The tars under ``root``: the manifest's list when there is one, else every ``*.tar`` (foreign set)."""
     root = Path(root)
     if not root.is_dir():
@@ -150,7 +150,7 @@ def open_shard_set(root: str | Path) -> ShardSet:
         names = list(listed)
     else:
         names = sorted(p.name for p in root.glob("*.tar") if not p.name.startswith("."))
-    shard_set = ShardSet(root, [], [], [], [])
+    shard_set = ShardView(root, [], [], [], [])
     for name in names:
         tar = root / name
         if not tar.is_file():

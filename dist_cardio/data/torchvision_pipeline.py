@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dist_cardio.data.augment import AugmentConfig
-from dist_cardio.data.loader import Plan
+from dist_cardio.data.plan import LoaderPlan
 from dist_cardio.data.shardset import Sample, ShardDataError, rank_span
 from dist_cardio.shard.imagecheck import open_image
 
@@ -109,7 +109,7 @@ class SampleViews(Dataset):
     """``(epoch, sample id)`` → the sample's view(s) (+ json bytes), drawn from a generator seeded by
     (seed, epoch, sample id): the same pixels whichever worker, and however many, makes them."""
 
-    def __init__(self, plan: Plan, samples: list[Sample]) -> None:
+    def __init__(self, plan: LoaderPlan, samples: list[Sample]) -> None:
         self.tars = [str(t) for t in plan.shard_set.tars]
         self.samples = samples
         self.transform = build_torchvision_transform(plan.aug, plan.train)
@@ -177,7 +177,7 @@ class TorchvisionBackend:
     moment of a fork, which can deadlock the child, so workers then come from a clean forkserver.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: LoaderPlan) -> None:
         self.plan = plan
         self.samples = plan.shard_set.all_samples()
         self._sampler = EpochBatches()

@@ -1,0 +1,1 @@
+"""Per-hospital work after pretraining: data, splits, fine-tuning, prediction, metrics, Grad-CAM."""

@@ -1,0 +1,292 @@
+"""Reading one hospital's labelled images, in the three forms hospitals hand them over.
+
+- a folder of class sub-folders (`data/MI/scan001.jpg`; images anywhere below a class folder),
+- a CSV `path,label[,strat_fold,patient,...]` (paths relative to the CSV; `A;B` is multi-label), or a
+  folder holding `labels.csv` (what `dist-cardio render` writes),
+- a labelled shard set (`dist-cardio shard --labels ...`, with `manifest.json`).
+
+Images are decoded once, cropped/masked to the ECG grid (`page.py`) and shrunk to a small square working
+size, so epochs never touch full-size scans again. Every image is hashed: byte-identical copies are used
+once, and the split keeps a patient's images together. An unreadable image is reported (id and reason)
+and left out; the rest is still used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+from tqdm import tqdm
+
+from dist_cardio.downstream.page import GridBox, PageConfig, apply_page, prepare_page
+from dist_cardio.shard.imagecheck import BadImage, check_structure, open_image
+from dist_cardio.shard.labels import parse_label, read_label_rows
+from dist_cardio.shard.manifest import read_samples
+from dist_cardio.shard.sources import IMAGE_SUFFIXES
+from dist_cardio.shard.writer import read_shard
+
+log = logging.getLogger(__name__)
+
+LABELS_CSV = "labels.csv"
+"""A folder holding this file is read as a CSV data set (the layout `dist-cardio render` writes)."""
+
+
+@dataclass(frozen=True)
+class HospitalImage:
+    """One labelled image; `patient` is a pseudonymous group id for splitting and is never logged."""
+
+    id: str
+    """Path relative to the data root, or the shard sample key: what split files and predictions name."""
+    labels: tuple[str, ...]
+    patient: str | None = None
+    strat_fold: int | None = None
+    file: Path | None = None
+    shard: Path | None = None
+
+
+@dataclass
+class HospitalData:
+    root: Path
+    kind: Literal["folders", "csv", "shards"]
+    items: list[HospitalImage]
+    multilabel: bool
+    unlabeled: int = 0
+    """Images or rows without a label, left out."""
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({label for item in self.items for label in item.labels})
+
+
+@dataclass
+class LoadedImages:
+    """The readable images (model-ready squares, same order as their items) and content hashes.
+
+    `errors` lists (id, reason) for every image left out as unreadable.
+    """
+
+    items: list[HospitalImage]
+    images: list[Image.Image] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    copies: int = 0
+    """Byte-identical repeats dropped by `unique()`."""
+
+    def unique(self) -> LoadedImages:
+        """The first image of every content hash: a scan filed 20 times must not count 20 times in the
+        training loss or, worse, in the test metrics and their confidence intervals. Copies with other
+        labels than the first are logged (count only: ids may name patients)."""
+        first: dict[str, int] = {}
+        conflicting = 0
+        for i, (h, item) in enumerate(zip(self.hashes, self.items)):
+            j = first.setdefault(h, i)
+            conflicting += j != i and set(self.items[j].labels) != set(item.labels)
+        if conflicting:
+            log.warning("%d copies of an image carry other labels than its first copy: the first copy's labels are used",
+                        conflicting)
+        keep = sorted(first.values())
+        return LoadedImages([self.items[i] for i in keep], [self.images[i] for i in keep], [self.hashes[i] for i in keep],
+                            self.errors, self.copies + len(self.items) - len(keep))
+
+
+def read_hospital(path: str | Path) -> HospitalData:
+    """List a hospital's labelled images (no pixels read yet); the kind of data set is detected."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: hospital data not found (pass a folder of class sub-folders, a labels CSV, or a shard set)")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise ValueError(f"{root}: a data file must be a CSV with columns path,label")
+        return _read_csv(root)
+    if (root / "manifest.json").is_file():
+        return _read_shards(root)
+    if (root / LABELS_CSV).is_file():
+        return _read_csv(root / LABELS_CSV)
+    return _read_folders(root)
+
+
+def _read_folders(root: Path) -> HospitalData:
+    items, loose = [], 0
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        rel = file.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):  # .thumbnails/, .DS_Store and the like
+            continue
+        if len(rel.parts) < 2:
+            loose += 1
+            continue
+        items.append(HospitalImage(rel.as_posix(), (rel.parts[0],), file=file))
+    if not items:
+        raise ValueError(
+            f"{root}: no images in class sub-folders (expected {root}/<class>/<image>.png, a labels CSV, or a shard set)"
+        )
+    return HospitalData(root, "folders", items, multilabel=False, unlabeled=loose)
+
+
+def _fold(value: str, where: str) -> int | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        raise ValueError(f"{where}: strat_fold {value!r} is not a fold number") from None
+
+
+def _read_csv(csv_path: Path) -> HospitalData:
+    rows = read_label_rows(csv_path)
+    base = csv_path.parent
+    items, unlabeled, multilabel = [], 0, False
+    for i, row in enumerate(rows):
+        label = parse_label(row["label"] or "")
+        if label is None:
+            unlabeled += 1
+            continue
+        multilabel |= isinstance(label, list)
+        raw = (row["path"] or "").strip()
+        if not raw:
+            raise ValueError(f"{csv_path}: row {i + 2} has an empty path")
+        file = Path(raw) if Path(raw).is_absolute() else base / raw
+        items.append(HospitalImage(
+            id=raw,
+            labels=tuple(label) if isinstance(label, list) else (label,),
+            patient=(row.get("patient") or "").strip() or None,
+            strat_fold=_fold(row.get("strat_fold", ""), f"{csv_path} row {i + 2}"),
+            file=file,
+        ))
+    if not items:
+        raise ValueError(f"{csv_path}: no labelled rows")
+    return HospitalData(csv_path, "csv", items, multilabel, unlabeled)
+
+
+def _read_shards(root: Path) -> HospitalData:
+    items, unlabeled, multilabel = [], 0, False
+    for sample in read_samples(root):
+        label = sample.get("label")
+        if not label:
+            unlabeled += 1
+            continue
+        multilabel |= isinstance(label, list)
+        meta = sample.get("meta") or {}
+        items.append(HospitalImage(
+            id=sample["key"],
+            labels=tuple(label) if isinstance(label, list) else (label,),
+            patient=str(meta.get("patient") or "").strip() or None,
+            strat_fold=_fold(str(meta.get("strat_fold") or ""), f"{root} sample {sample['key']}"),
+            shard=root / sample["shard"],
+        ))
+    if not items:
+        raise ValueError(f"{root}: the shard set holds no labelled samples (shard with --labels folders or a CSV)")
+    return HospitalData(root, "shards", items, multilabel, unlabeled)
+
+
+def decode_image(data: bytes, max_side: int) -> Image.Image:
+    """Validated bytes → RGB image, long side at most `max_side` px; raises BadImage naming the damage."""
+    check_structure(data)
+    img = open_image(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if img.format == "JPEG":  # decode at reduced scale (DCT scaling): much cheaper for big scans
+            img.draft("RGB", (max_side, max_side))
+        try:
+            img.load()
+        except Exception as e:  # Pillow raises many types for damaged data
+            raise BadImage(f"undecodable {img.format}: {e}") from None
+    if img.mode in ("RGBA", "LA", "P", "PA"):  # transparent areas are paper, not black
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    img = img.convert("RGB")
+    img.thumbnail((max_side, max_side), Image.Resampling.BOX)
+    return img
+
+
+def decode_side(page: PageConfig, side: int) -> int:
+    """Size pages are decoded at: enough for the model input and for the grid search."""
+    return max(side, page.detect_side) if page.mode != "none" else side
+
+
+def model_image(img: Image.Image, page: PageConfig, side: int, grid: GridBox | None = None) -> Image.Image:
+    """What the model is fed from: the page cropped/masked per `page`, stretched to `side`×`side`.
+
+    Stretching (not centre-cropping) keeps all twelve leads; training, evaluation, prediction and
+    Grad-CAM all use this one geometry, so a map at input resolution maps back by a plain resize.
+    `grid`: the page's grid box when already found (the search is the costly part).
+    """
+    prepared = prepare_page(img, page) if grid is None else apply_page(img, page, grid)
+    return prepared.resize((side, side), Image.Resampling.LANCZOS)
+
+
+def _item_bytes(items: list[HospitalImage]) -> Iterator[tuple[int, bytes | str, str]]:
+    """(index, image bytes or an error, sha256 of the original file) per item; shards read one tar at a time.
+
+    A shard may hold a re-encoded copy (`--max-side`): its hash is the original file's, from the sample's
+    json, so a model fine-tuned on shards still recognises its images among the original files.
+    """
+    by_shard: dict[Path, dict[str, int]] = defaultdict(dict)
+    for i, item in enumerate(items):
+        if item.shard is not None:
+            by_shard[item.shard][item.id] = i
+            continue
+        try:
+            data = item.file.read_bytes()
+            yield i, data, hashlib.sha256(data).hexdigest()
+        except OSError as e:
+            yield i, f"cannot read {item.file}: {e.strerror or e}", ""
+    for shard, wanted in by_shard.items():
+        try:
+            for key, _, parts in read_shard(shard):
+                if key in wanted:
+                    image = next((parts[ext] for ext in ("png", "jpg") if ext in parts), None)
+                    digest = json.loads(parts["json"]).get("sha256", key) if "json" in parts else key
+                    yield wanted.pop(key), image if image is not None else f"sample {key} has no image in {shard.name}", digest
+        except (OSError, ValueError) as e:
+            for i in wanted.values():
+                yield i, f"cannot read {shard}: {e}", ""
+            continue
+        for i in wanted.values():
+            yield i, f"sample not found in {shard.name}", ""
+
+
+def load_images(items: list[HospitalImage], page: PageConfig, side: int, progress: bool = True) -> LoadedImages:
+    """Decode, hash and shrink every image; unreadable ones land in `errors`, the rest keep their order."""
+    results: dict[int, tuple[Image.Image, str]] = {}
+    errors: dict[int, str] = {}
+    for i, data, digest in tqdm(_item_bytes(items), total=len(items), desc="read images", unit="img", disable=not progress):
+        if isinstance(data, str):
+            errors[i] = data
+            continue
+        try:
+            img = model_image(decode_image(data, decode_side(page, side)), page, side)
+        except BadImage as e:
+            errors[i] = str(e)
+            continue
+        results[i] = (img, digest)
+    kept = sorted(results)
+    return LoadedImages(
+        items=[items[i] for i in kept],
+        images=[results[i][0] for i in kept],
+        hashes=[results[i][1] for i in kept],
+        errors=[(items[i].id, errors[i]) for i in sorted(errors)],
+    )
+
+
+def describe(data: HospitalData) -> str:
+    """One line for logs: kind, counts, classes (no patient ids)."""
+    counts = defaultdict(int)
+    for item in data.items:
+        for label in item.labels:
+            counts[label] += 1
+    return (f"{data.kind} data set {data.root}: {len(data.items)} labelled images"
+            f"{f' ({data.unlabeled} without a label left out)' if data.unlabeled else ''}, "
+            f"{'multi' if data.multilabel else 'single'}-label, classes {json.dumps(dict(sorted(counts.items())))}")
+
+
+__all__ = ["HospitalImage", "HospitalData", "LoadedImages", "read_hospital", "decode_image", "decode_side", "model_image", "load_images", "describe", "LABELS_CSV"]

@@ -1,0 +1,127 @@
+"""The two engines: same loss sequence for the same seed on 2 real gloo ranks; state round trips; refusals."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_cardio.config import ConfigError
+from dist_cardio.distributed import DistInfo, run_local_processes
+from dist_cardio.train.engines import EngineConfig, build_engine
+from dist_cardio.train.gradcache import cached_contrastive_step
+from dist_cardio.train.lars import LarsConfig, build_lars
+from dist_cardio.train.losses import LossConfig, make_loss
+from dist_cardio.model import SimCardioNet, preset
+from dist_cardio.train.schedule import warmup_cosine
+
+BATCH, STEPS, CHUNK = 8, 6, 6  # per rank; chunk 6 of 16 images → gradient caching with 3 chunks
+
+
+def _views(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.rand(BATCH, 3, 64, 64, generator=g)
+    return x, (x + 0.1 * torch.randn(x.shape, generator=g)).flip(-1)
+
+
+def _train(engine, rank: int, steps: range, lrs) -> list[float]:
+    loss_fn = make_loss(LossConfig())
+    losses = []
+    for step in steps:
+        v1, v2 = _views(rank, step)
+        engine.set_lr(lrs[step])
+        loss = cached_contrastive_step(engine.model, engine.prepare(v1), engine.prepare(v2), CHUNK, loss_fn,
+                                       engine.backward, engine.no_sync)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _fresh(info: DistInfo, backend: str, precision: str = "fp32"):
+    torch.manual_seed(0)
+    model = SimCardioNet(preset("cpu-small"))  # dropout 0.1: the RNG must line up too
+    engine = build_engine(EngineConfig(backend=backend, precision=precision), model, build_lars(model, LarsConfig()), info, BATCH)
+    torch.manual_seed(100 + info.rank)
+    return engine
+
+
+def _both_engines(info: DistInfo) -> dict:
+    lrs = warmup_cosine(1.0, STEPS, 2, 0.0)
+    result = {}
+    for backend in ("deepspeed", "accelerate"):
+        engine = _fresh(info, backend)
+        result[backend] = torch.tensor(_train(engine, info.rank, range(STEPS), lrs))
+        result[backend + "_weights"] = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+    return result
+
+
+def test_deepspeed_and_accelerate_give_the_same_losses_on_two_ranks():
+    ranks = run_local_processes(_both_engines, 2, timeout_s=600)
+    for r in ranks:
+        assert torch.allclose(r["deepspeed"], r["accelerate"], rtol=0, atol=1e-5), (r["deepspeed"], r["accelerate"])
+        assert torch.allclose(r["deepspeed_weights"], r["accelerate_weights"], rtol=0, atol=1e-5)
+        assert not torch.equal(r["deepspeed"][0], r["deepspeed"][-1])  # it trained
+    # the replicas stayed identical across ranks (one all-reduce per step, same update everywhere)
+    assert torch.equal(ranks[0]["deepspeed_weights"], ranks[1]["deepspeed_weights"])
+    assert torch.equal(ranks[0]["accelerate_weights"], ranks[1]["accelerate_weights"])
+
+
+def _state_round_trip(info: DistInfo, backend: str, precision: str) -> dict:
+    """Train 2 steps, save through a weights_only file, train 2 more; a fresh engine loading it must match."""
+    lrs = warmup_cosine(1.0, 4, 1, 0.0)
+    engine = _fresh(info, backend, precision)
+    first = _train(engine, info.rank, range(2), lrs)
+    buffer = io.BytesIO()
+    torch.save({**engine.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    straight = _train(engine, info.rank, range(2, 4), lrs)
+    restored = _fresh(info, backend, precision)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    restored.load_state_dict(state)
+    torch.set_rng_state(state["rng"])
+    resumed = _train(restored, info.rank, range(2, 4), lrs)
+    return {"first": torch.tensor(first), "straight": torch.tensor(straight), "resumed": torch.tensor(resumed),
+            "dtype": str(next(engine.module.parameters()).dtype), "weights_dtype": str(state["model"]["projector.0.weight"].dtype)}
+
+
+ROUND_TRIPS = [("deepspeed", "fp32"), ("accelerate", "fp32"), ("deepspeed", "bf16")]
+
+
+def _all_round_trips(info: DistInfo) -> list[dict]:
+    return [_state_round_trip(info, backend, precision) for backend, precision in ROUND_TRIPS]
+
+
+def test_engine_state_round_trips_through_a_weights_only_file():
+    (results,) = run_local_processes(_all_round_trips, 1, timeout_s=300)
+    for (backend, precision), r in zip(ROUND_TRIPS, results):
+        assert torch.equal(r["straight"], r["resumed"]), (backend, precision, r["straight"], r["resumed"])
+        assert torch.isfinite(r["first"]).all()
+        assert r["weights_dtype"] == "torch.float32"  # checkpoints hold fp32 weights whatever the compute dtype
+        assert r["dtype"] == ("torch.bfloat16" if precision == "bf16" and backend == "deepspeed" else "torch.float32")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_1_2_with_lars_is_refused(stage):
+    from dist_cardio.train.engines.deepspeed_engine import DeepSpeedEngine
+
+    model = SimCardioNet(preset("cpu-small"))
+    info = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+    with pytest.raises(ValueError, match=rf"ZeRO stage {stage} with LARS is refused.*per-layer trust ratio"):
+        DeepSpeedEngine(EngineConfig(zero_stage=stage), model, build_lars(model, LarsConfig()), info, BATCH)
+
+
+def test_engine_config_validates():
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
+        EngineConfig(zero_stage=3)
+    with pytest.raises(ValueError, match="deepspeed backend only"):
+        EngineConfig(backend="accelerate", zero_stage=1)
+    assert EngineConfig().resolved_precision(torch.device("cpu")) == "fp32"
+    assert EngineConfig().resolved_precision(torch.device("cuda", 0)) == "bf16"
+
+
+def test_pretrain_config_refuses_zero_1_with_lars_at_load_time(tmp_path):
+    from dist_cardio.train.pretrain import load_pretrain_config
+
+    with pytest.raises(ConfigError, match="ZeRO stage 1 with LARS is refused"):
+        load_pretrain_config(Path(__file__).resolve().parents[2] / "configs/pretrain/cpu-small.yaml", ["engine.zero_stage=1"])
