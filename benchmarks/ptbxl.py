@@ -54,18 +54,18 @@ from typing import Any
 import numpy as np
 
 from dist_cardio.downstream.finetune import FinetuneConfig, StageConfig, load_finetune_config
-from dist_cardio.pipeline import (
+from dist_cardio.commands.demo import (
     CONFIGS,
     Steps,
     build_shards,
     evaluate,
     finetune,
-    metric_line,
     pretrain,
     render_printouts,
     usable_cpus,
     write_json,
 )
+from dist_cardio.downstream.metrics import metric_text
 from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config
 from dist_cardio.signals.records import read_id_list
 from dist_cardio.signals.render import RenderConfig
@@ -167,7 +167,7 @@ def results_table(results: dict[str, Any]) -> str:
         for fraction in FRACTIONS:
             for test in TEST_SETS:
                 m = results[arm][str(fraction)][test]
-                lines.append(f"{arm:<11} {fraction:>5}%  {test:<10} " + "  ".join(f"{metric_line(m, k):<22}" for k in METRICS))
+                lines.append(f"{arm:<11} {fraction:>5}%  {test:<10} " + "  ".join(f"{metric_text(m[k]):<22}" for k in METRICS))
     return "\n".join(lines)
 
 

@@ -27,6 +27,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as fc
 
+STOPPED_EXIT = 143
+"""Exit status of a process stopped by SIGTERM (128 + 15): the run saved ``latest``; requeue it."""
+
+
+def rendezvous_port(job_id: str | int) -> int:
+    """The port every task of one job derives from the job id (different jobs on a node rarely collide)."""
+    return 15000 + int(job_id) % 20000
+
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -99,7 +108,7 @@ def launch_env(environ: Mapping[str, str]) -> LaunchEnv | None:
             nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
             addr = environ.get("MASTER_ADDR") or expand_nodelist(nodes)[0]
             # Every task of a job derives the same port; different jobs on one node rarely collide.
-            port = int(environ.get("MASTER_PORT") or 15000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+            port = int(environ.get("MASTER_PORT") or rendezvous_port(environ.get("SLURM_JOB_ID", "0")))
             return LaunchEnv(
                 "slurm", int(environ["SLURM_PROCID"]), int(tasks), int(environ.get("SLURM_LOCALID", "0")), addr, port
             )

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import submitit
 
+from dist_cardio.atomic import atomic_write_json
 from dist_cardio.config import ConfigError, dump_yaml, load_config
-from launchers.records import JobEntry, Submission, now, save_submission, submission_folder
+from launchers.records import JobEntry, Submission, announce_submission, now, submission_folder
 from launchers.slurm import (
     LaunchError, SlurmResources, check_request, ensure_writable, make_executor, sbatch_script,
 )
@@ -110,9 +111,7 @@ def run_hospital(task: HospitalTask) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=2, default=str)
 
 
 def read_status(out: Path) -> dict[str, Any] | None:
@@ -222,11 +221,9 @@ def submit_finetune(hospitals_path: Path, checkpoint: Path, config: Path | None,
     sub = Submission("finetune", "local" if local else "slurm", str(folder), now(), command,
                      tuple(JobEntry(t.name, j.job_id, t.out) for t, j in zip(tasks, jobs)),
                      summary_job.job_id if summary_job else None)
-    record = save_submission(sub)
-    print(f"submitted {len(jobs)} fine-tuning jobs ({', '.join(f'{n}={j}' for n, j in job_ids.items())}); "
-          f"record {record}; summary -> {out_root / 'summary.csv'}")
+    announce_submission(sub, f"{len(jobs)} fine-tuning jobs ({', '.join(f'{n}={j}' for n, j in job_ids.items())})",
+                        f"summary -> {out_root / 'summary.csv'}", root, follow=not (local or wait))
     if not (local or wait):
-        print(f"follow them with: dist-cardio jobs --folder {root}")
         return 0
     for job in jobs:
         job.wait()

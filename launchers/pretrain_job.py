@@ -11,7 +11,7 @@ from pathlib import Path
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from dist_cardio.config import dump_yaml
-from launchers.records import JobEntry, Submission, now, save_submission, submission_folder
+from launchers.records import JobEntry, Submission, announce_submission, now, submission_folder
 from launchers.requeue import RequeueingJob
 from launchers.slurm import LaunchError, SlurmResources, check_request, ensure_writable, make_executor, sbatch_script
 
@@ -40,11 +40,9 @@ def submit_pretrain(config: Path, overrides: list[str], res: SlurmResources, roo
     job = executor.submit(RequeueingJob(functools.partial(run, cfg), max_requeues, cpu_only=res.gpus_per_node == 0))
     sub = Submission("pretrain", "local" if local else "slurm", str(folder), now(), command,
                      (JobEntry("pretrain", job.job_id, str(out)),))
-    record = save_submission(sub)
-    print(f"submitted pretraining job {job.job_id} ({res.world_size} tasks on {res.nodes} node(s)); record {record}; "
-          f"log {job.paths.stdout}; output {out}")
+    announce_submission(sub, f"pretraining job {job.job_id} ({res.world_size} tasks on {res.nodes} node(s))",
+                        f"log {job.paths.stdout}; output {out}", root, follow=not (local or wait))
     if not (local or wait):
-        print(f"follow it with: dist-cardio jobs --folder {root}")
         return 0
     try:
         result = job.results()[0]

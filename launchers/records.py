@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from dist_cardio.atomic import atomic_write_json
 from dist_cardio.config import ConfigError, from_dict
 
 RECORD_NAME = "job.json"
@@ -55,12 +55,19 @@ def now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
+def announce_submission(sub: Submission, what: str, details: str, root: Path, follow: bool) -> Path:
+    """Save the record and print the one submission line both launchers print (and how to follow the jobs)."""
+    record = save_submission(sub)
+    print(f"submitted {what}; record {record}; {details}")
+    if follow:
+        print(f"follow {'them' if sub.kind == 'finetune' else 'it'} with: dist-cardio jobs --folder {root}")
+    return record
+
+
 def save_submission(sub: Submission) -> Path:
     path = Path(sub.folder) / RECORD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(RECORD_NAME + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(sub), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, dataclasses.asdict(sub), indent=2)
     return path
 
 

@@ -26,8 +26,8 @@ from typing import Any
 import submitit
 
 REQUEUE_TIMEOUT_S = 60
-# Exit status of a task stopped by SLURM (128 + SIGTERM): no result pickle, SLURM decides what follows.
-STOPPED_EXIT = 143
+# STOPPED_EXIT (128 + SIGTERM: no result pickle, SLURM decides what follows) and the rendezvous port come
+# from dist_cardio.distributed, imported where used so that importing the launchers does not import torch.
 
 
 class TimeLimitWarning:
@@ -45,13 +45,15 @@ class TimeLimitWarning:
 def export_local_torch_env(env: submitit.JobEnvironment) -> None:
     """torchrun's variables for the tasks of submitit's local executor (SLURM tasks need none:
     ``dist_cardio.distributed`` reads ``SLURM_PROCID`` and the node list itself)."""
+    from dist_cardio.distributed import rendezvous_port
+
     os.environ.update(
         RANK=str(env.global_rank),
         WORLD_SIZE=str(env.num_tasks),
         LOCAL_RANK=str(env.local_rank),
         MASTER_ADDR="127.0.0.1",
         # every task of one job derives the same port from the job id (the controller's pid)
-        MASTER_PORT=str(15000 + int(env.raw_job_id) % 20000),
+        MASTER_PORT=str(rendezvous_port(env.raw_job_id)),
     )
 
 
@@ -69,6 +71,8 @@ class RequeueingJob(submitit.helpers.Checkpointable):
         self.cpu_only = cpu_only
 
     def __call__(self) -> dict[str, Any]:
+        from dist_cardio.distributed import STOPPED_EXIT
+
         env = submitit.JobEnvironment()
         if env.cluster == "local":
             export_local_torch_env(env)

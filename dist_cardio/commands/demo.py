@@ -10,31 +10,27 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from dist_cardio.train.checkpoint import CheckpointError
-from dist_cardio.downstream.finetune import load_finetune_config
-from dist_cardio.pipeline import (
-    CONFIGS,
-    StageError,
-    Steps,
-    build_shards,
-    evaluate,
-    explain,
-    finetune,
-    metrics_table,
-    pretrain,
-    render_printouts,
-    usable_cpus,
-    write_json,
-)
-from dist_cardio.train.pretrain import load_pretrain_config
+from dist_cardio.atomic import atomic_write_json
+from dist_cardio.downstream.finetune import BEST, FinetuneConfig, load_finetune_config, run_finetune
+from dist_cardio.downstream.gradcam import WARN_ABOVE, explain_files
+from dist_cardio.downstream.metrics import metric_text, plot_confusion_matrix
+from dist_cardio.downstream.predict import evaluate_data, load_finetuned
+from dist_cardio.shard import ShardConfig, shard_inputs, verify_shard_set
 from dist_cardio.signals.records import SAMPLE_PTBXL
-from dist_cardio.signals.render import RenderConfig
+from dist_cardio.signals.render import RenderConfig, render_dataset
+from dist_cardio.train.checkpoint import CheckpointError
+from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config, run as run_pretrain
 
 RENDER = RenderConfig(dpi=100)
 """100 dpi: 1169×827 pages, ~20 KB PNGs, ~30 pages/s on 2 cores; the 1 mm grid is still 4 px apart."""
@@ -135,3 +131,126 @@ def _test_images(render_dir: Path, folds: tuple[int, ...], n: int) -> list[Path]
     if not rows:
         raise StageError(f"{render_dir / 'labels.csv'}: no image in the test folds {folds}")
     return [render_dir / r["path"] for r in rows[:n]]
+
+
+# --- the stages the demo chains (benchmarks/ptbxl.py chains the same ones on real data) -------------
+# Each takes explicit paths, calls the stage's own API and returns what the next stage needs; every stage
+# is incremental, so re-running into the same folder resumes instead of starting over.
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The YAML configs shipped in the package (`configs/` in the repository links here)."""
+
+
+class StageError(RuntimeError):
+    """A stage produced nothing usable; the message names the folder and what to look at."""
+
+
+class Steps:
+    """Numbered step headers with the time each step took, so a long run reads as a sequence of stages."""
+
+    def __init__(self, total: int, width: int = 78) -> None:
+        self.total, self.width, self.done = total, width, 0
+
+    @contextmanager
+    def __call__(self, title: str) -> Iterator[None]:
+        self.done += 1
+        head = f"── [{self.done}/{self.total}] {title} "
+        print(f"\n{head}{'─' * max(3, self.width - len(head))}", flush=True)
+        start = time.perf_counter()
+        yield
+        print(f"   ({title.split(':')[0]} took {time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def render_printouts(source: Path, out: Path, cfg: RenderConfig, *, workers: int, vary: bool = False, seed: int = 0,
+                     exclude_ids: frozenset[int] = frozenset(), limit: int | None = None) -> dict[str, Any]:
+    """Render `source` (PTB-XL root, WFDB folder or .npz) into `out/images` + `out/labels.csv`; kept images are skipped."""
+    summary = render_dataset(source, out, cfg, workers, limit, vary, seed, exclude_ids=exclude_ids)
+    images = summary["written"] + summary["skipped"]
+    print(f"   {summary['written']} rendered, {summary['skipped']} already there, {summary['failed']} unreadable → {out}")
+    if images == 0:
+        raise StageError(f"{out}: no printout could be rendered from {source} (see the warnings above)")
+    return {**summary, "images": images, "labels": out / "labels.csv"}
+
+
+def build_shards(inputs: list[Path], out: Path, *, labels: Path | None = None, workers: int = 0,
+                 max_side: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Pack image folders into the shard set `out` (content already there is skipped), then verify all of it."""
+    cfg = ShardConfig(labels=str(labels) if labels else None, workers=workers, max_side=max_side, progress=progress)
+    summary = shard_inputs(inputs, out, cfg)
+    report = verify_shard_set(out, decode=True, progress=progress)
+    if not report.ok:
+        raise StageError(report.text(max_problems=10))
+    totals = summary["totals"]
+    print(f"   {summary['added']} added, {summary['already_present']} already in the set, {summary['skipped']} skipped; "
+          f"verified {totals['samples']} samples in {totals['shards']} shard(s), {totals['bytes'] / 1e6:.1f} MB → {out}")
+    return summary
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Contrastive pretraining (resumes from `<cfg.out>/checkpoints/latest`); returns the run's summary."""
+    summary = run_pretrain(cfg)
+    out = Path(cfg.out)
+    summary["loss_curve"] = out / "loss.png"
+    summary["losses"] = pretrain_losses(out)
+    if summary["checkpoint"] is None or summary["interrupted"]:
+        raise StageError(f"{out}: pretraining stopped at step {summary['step']} without finishing; re-run to resume")
+    return summary
+
+
+def pretrain_losses(out: Path) -> list[float]:
+    """The logged contrastive losses of a pretraining run, in step order (resumed parts included)."""
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def finetune(cfg: FinetuneConfig, checkpoint: Path | None, data: Path, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune (`checkpoint` None: from scratch), or read back the summary of a run that already finished in `out`."""
+    done = out / "metrics.json"
+    if done.is_file() and (out / BEST).is_file():
+        print(f"   already fine-tuned in {out}: kept")
+        return json.loads(done.read_text())["summary"]
+    return run_finetune(cfg, checkpoint, data, out, progress=progress)
+
+
+def evaluate(checkpoint: Path, data: Path, out: Path, subset: str = "auto", n_bootstrap: int = 1000,
+             progress: bool = True) -> dict[str, Any]:
+    """Metrics with 95% CIs of a fine-tuned model on `data` (`subset` as in `predict.evaluate_data`).
+
+    Writes `out/metrics.json` and `out/confusion_matrix.png` (recomputed on every run: it takes seconds).
+    """
+    metrics = evaluate_data(load_finetuned(checkpoint), data, subset, n_bootstrap, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(metrics, str(out / "confusion_matrix.png"))
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def explain(checkpoint: Path, images: list[Path], out: Path, progress: bool = True) -> dict[str, Any]:
+    """Grad-CAM overlays of `images` and the shortcut audit (attention outside the ECG grid) in `out`."""
+    return explain_files(load_finetuned(checkpoint), images, out, None, WARN_ABOVE, progress=progress)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write `doc` as JSON atomically (a killed run never leaves half a file), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, doc, indent=1, allow_nan=False, default=str)
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """The headline metrics and one row per class, with 95% bootstrap intervals."""
+    lines = [f"   {metrics['n']} images ({metrics.get('subset', 'test')}), "
+             f"{'multi' if metrics['multilabel'] else 'single'}-label; 95% bootstrap CIs in brackets"]
+    for key, name in (("accuracy", "accuracy" + (" (exact match)" if metrics["multilabel"] else "")),
+                      ("macro_f1", "macro-F1"), ("macro_auroc", "macro-AUROC")):
+        lines.append(f"   {name:<24} {metric_text(metrics[key])}")
+    lines.append(f"   {'class':<8} {'n':>4}  {'F1':<22} AUROC")
+    for name, entry in metrics["per_class"].items():
+        lines.append(f"   {name:<8} {entry['support']:>4}  {metric_text(entry['f1']):<22} {metric_text(entry['auroc'])}")
+    return "\n".join(lines)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the default number of render and shard workers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 
-from dist_cardio.downstream.metrics import plot_confusion_matrix
+from dist_cardio.atomic import atomic_write_json
+from dist_cardio.downstream.metrics import metric_text, plot_confusion_matrix
 from dist_cardio.downstream.predict import evaluate_data, load_finetuned
 
 
@@ -31,21 +30,12 @@ def run(args: argparse.Namespace) -> int:
     ckpt_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     out = args.out or ckpt_dir / f"evaluation-{args.data.stem}-{metrics['subset']}"
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".metrics.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_json(out / "metrics.json", metrics, newline=False, indent=1, allow_nan=False)
     plot_confusion_matrix(metrics, str(out / "confusion_matrix.png"))
     print(f"{metrics['n']} images ({metrics['subset']}), {'multi' if metrics['multilabel'] else 'single'}-label:")
     for key in ("accuracy", "macro_f1", "macro_auroc"):
-        print(f"  {key:<12} {_fmt(metrics[key])}")
+        print(f"  {key:<12} {metric_text(metrics[key])}")
     for name, entry in metrics["per_class"].items():
-        print(f"  {name:<12} F1 {_fmt(entry['f1'])}  AUROC {_fmt(entry['auroc'])}  (n={entry['support']})")
+        print(f"  {name:<12} F1 {metric_text(entry['f1'])}  AUROC {metric_text(entry['auroc'])}  (n={entry['support']})")
     print(f"→ {out / 'metrics.json'}, {out / 'confusion_matrix.png'}")
     return 0
-
-
-def _fmt(metric: dict) -> str:
-    value, (lo, hi) = metric["value"], metric["ci95"]
-    if value is None:
-        return "undefined"
-    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{value:.3f}"

@@ -13,9 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-STOPPED_EXIT = 143
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="YAML config, e.g. configs/pretrain/cpu-small.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -25,6 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dist_cardio.train.checkpoint import CheckpointError
+    from dist_cardio.distributed import STOPPED_EXIT
     from dist_cardio.train.pretrain import load_pretrain_config, run as run_pretrain
 
     cfg = load_pretrain_config(args.config, args.set)

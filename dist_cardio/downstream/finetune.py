@@ -14,10 +14,7 @@ Outputs in `out/`: `best.pt` (weights + everything `predict`/`evaluate`/`explain
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +22,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.utils.class_weight import compute_class_weight
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
-from dist_cardio.train.checkpoint import CheckpointManager
-from dist_cardio.config import dump_yaml, from_dict, load_config, to_dict
+from dist_cardio.atomic import atomic_write_json
+from dist_cardio.config import dump_yaml, load_config, to_dict
 from dist_cardio.data import AugmentConfig, build_torchvision_transform
+from dist_cardio.downstream.finetune_loop import train_stages
+from dist_cardio.downstream.finetune_model import (
+    ImageSet, balanced_sampler, device_for, load_encoder, make_loss, predict_batches, targets_for,
+)
 from dist_cardio.downstream.hospital_data import HospitalData, LoadedImages, describe, load_images, read_hospital
-from dist_cardio.downstream.metrics import evaluate_predictions, plot_confusion_matrix, point_metrics
-from dist_cardio.model import Classifier, ModelConfig, ParamGroup, SimCardioNet, unfreeze_groups
+from dist_cardio.downstream.metrics import evaluate_predictions, plot_confusion_matrix
 from dist_cardio.downstream.page import PageConfig
 from dist_cardio.downstream.splits import Split, SplitConfig, make_split, save_split
+from dist_cardio.model import Classifier, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,168 +127,6 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[s
     return load_config(FinetuneConfig, path, overrides)
 
 
-# --- model ------------------------------------------------------------------------------------------------
-
-
-def load_encoder(checkpoint: str | Path | None, cfg: FinetuneConfig) -> tuple[SimCardioNet, str]:
-    """The pretrained encoder from a pretraining checkpoint, or a fresh one (`None`: from scratch).
-
-    `checkpoint` may be the checkpoint file, its `checkpoints/` folder, or the pretraining run folder.
-    """
-    if checkpoint is None:
-        torch.manual_seed(cfg.seed)
-        return SimCardioNet(cfg.model), "scratch"
-    path = Path(checkpoint)
-    for candidate in (path / "checkpoints" / "latest", path / "latest"):
-        if path.is_dir() and candidate.is_file():
-            path = candidate
-            break
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no pretraining checkpoint (pass the file, its run folder, or --from-scratch)")
-    state = CheckpointManager(path.parent).load(path)
-    model_cfg = from_dict(ModelConfig, state["config"]["model"], source=f"{path} (config.model)")
-    encoder = SimCardioNet(model_cfg)
-    encoder.load_state_dict(state["model"])
-    return encoder, str(path)
-
-
-def set_trainable(classifier: Classifier, groups: int | Literal["all"]) -> list[ParamGroup]:
-    """Train the first `groups` parameter groups (from the head), freeze the rest; returns the trained ones.
-
-    Fully frozen modules are put in eval mode, so their dropout is off and BatchNorm statistics stay as
-    pretrained; call again after every `classifier.train()`.
-    """
-    all_groups = unfreeze_groups(classifier)
-    n = len(all_groups) if groups == "all" else min(groups, len(all_groups))
-    for k, group in enumerate(all_groups):
-        for p in group.params:
-            p.requires_grad_(k < n)
-    classifier.train()
-    for module in classifier.modules():
-        params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
-            module.eval()
-    return all_groups[:n]
-
-
-def build_optimizer(groups: list[ParamGroup], stage: StageConfig, lr_decay: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with one param group per model group: LR `stage.lr · lr_decay**k`; no decay on 1-D params."""
-    param_groups = []
-    for k, group in enumerate(groups):
-        lr = stage.lr * lr_decay**k
-        matrices = [p for p in group.params if p.ndim > 1]
-        vectors = [p for p in group.params if p.ndim <= 1]
-        param_groups += [
-            {"params": matrices, "lr": lr, "weight_decay": weight_decay, "name": group.name},
-            {"params": vectors, "lr": lr, "weight_decay": 0.0, "name": group.name},
-        ]
-    return torch.optim.AdamW([g for g in param_groups if g["params"]])
-
-
-# --- data -------------------------------------------------------------------------------------------------
-
-
-class ImageSet(Dataset):
-    """In-memory images with targets, through a torchvision transform."""
-
-    def __init__(self, images: list, targets: torch.Tensor, transform: Any) -> None:
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[i]), self.targets[i]
-
-
-def targets_for(labels: list[tuple[str, ...]], classes: list[str], multilabel: bool) -> torch.Tensor:
-    """Class ids (int64) or multi-hot rows (float32) in `classes` order."""
-    index = {c: i for i, c in enumerate(classes)}
-    if multilabel:
-        out = torch.zeros(len(labels), len(classes))
-        for row, labs in enumerate(labels):
-            out[row, [index[lab] for lab in labs]] = 1.0
-        return out
-    return torch.tensor([index[labs[0]] for labs in labels], dtype=torch.int64)
-
-
-def _is_multilabel(task: str, data: HospitalData) -> bool:
-    if task == "single" and data.multilabel:
-        example = next(item for item in data.items if len(item.labels) > 1)
-        raise ValueError(f"{data.root}: task is single-label but {example.id} has labels {';'.join(example.labels)} (use task: multi)")
-    return data.multilabel if task == "auto" else task == "multi"
-
-
-def make_loss(targets: torch.Tensor, n_classes: int, multilabel: bool, imbalance: str) -> nn.Module:
-    """Cross-entropy (single-label) or BCE-with-logits (multi-label), class-weighted if configured."""
-    if multilabel:
-        pos_weight = None
-        if imbalance == "class_weights":
-            pos = targets.sum(dim=0)
-            pos_weight = torch.where(pos > 0, (len(targets) - pos) / pos.clamp(min=1), torch.ones_like(pos))
-        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    weight = None
-    if imbalance == "class_weights":
-        y = targets.numpy()
-        present = np.unique(y)
-        weight = torch.ones(n_classes)
-        weight[present] = torch.as_tensor(compute_class_weight("balanced", classes=present, y=y), dtype=torch.float32)
-    return nn.CrossEntropyLoss(weight=weight)
-
-
-def balanced_sampler(targets: torch.Tensor, multilabel: bool, seed: int) -> WeightedRandomSampler:
-    """Draw images so every class is about equally frequent (multi-label: by an image's rarest class)."""
-    onehot = targets if multilabel else F.one_hot(targets, int(targets.max()) + 1).float()
-    counts = onehot.sum(dim=0).clamp(min=1)
-    per_image = (onehot / counts).max(dim=1).values
-    per_image = torch.where(per_image > 0, per_image, 1.0 / len(targets))  # images with no positive label
-    return WeightedRandomSampler(per_image.double(), len(targets), replacement=True, generator=torch.Generator().manual_seed(seed))
-
-
-# --- the run ----------------------------------------------------------------------------------------------
-
-
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda requested but no CUDA device is visible (use device: auto or cpu)")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def predict_batches(classifier: Classifier, loader: DataLoader, multilabel: bool, device: torch.device,
-                    loss_fn: nn.Module | None = None, desc: str = "predict", progress: bool = True) -> tuple[np.ndarray, float]:
-    """Probabilities for every image of `loader` (in order), and the mean loss when `loss_fn` is given."""
-    classifier.eval()
-    probs, total, count = [], 0.0, 0
-    with torch.no_grad(), _autocast(device):
-        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-            logits = classifier(x.to(device)).float()
-            if loss_fn is not None:
-                total += float(loss_fn(logits, y.to(device))) * len(x)
-                count += len(x)
-            probs.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).cpu())
-    return torch.cat(probs).numpy(), total / max(count, 1)
-
-
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA (tensor cores); plain fp32 on CPU, where bf16 matmuls are slow."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
-    os.replace(tmp, path)
-
-
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Training/validation loss and validation macro-F1 per epoch, unfreezing stages shaded."""
     import matplotlib
@@ -333,56 +168,80 @@ def run_finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, data: str |
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = device_for(cfg.device)
     encoder, source = load_encoder(checkpoint, cfg)
-    input_size = encoder.cfg.input_size
-    cache_side = cfg.image_cache or 2 * input_size
-    augment = dataclasses.replace(cfg.augment, size=input_size)
+    cache_side = cfg.image_cache or 2 * encoder.cfg.input_size
+    augment = dataclasses.replace(cfg.augment, size=encoder.cfg.input_size)
     (out / "config.yaml").write_text(dump_yaml(dataclasses.replace(cfg, model=encoder.cfg, augment=augment)))
 
     multilabel = _is_multilabel(cfg.task, hospital)
-    classes = hospital.classes
     loaded, split = _load_and_split(cfg, hospital, cache_side, out, progress)
-    targets = targets_for([it.labels for it in loaded.items], classes, multilabel)
-    parts = {name: split.indices(name) for name in ("train", "val", "test")}
+    parts = _Parts(loaded, split, targets_for([it.labels for it in loaded.items], hospital.classes, multilabel), augment)
+    train_set = parts.subset("train", train=True)
+    train_loader, val_loader = _loaders(cfg, train_set, parts.subset("val", train=False), multilabel, device)
+    loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, cfg.imbalance).to(device)
+    eval_loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, "none").to(device)
 
-    train_tf = build_torchvision_transform(augment, train=True)
-    eval_tf = build_torchvision_transform(augment, train=False)
+    classifier = Classifier(encoder, len(hospital.classes), cfg.dropout).to(device)
+    meta = {
+        "format": FORMAT, "classes": hospital.classes, "multilabel": multilabel, "threshold": cfg.threshold,
+        "model_config": to_dict(encoder.cfg), "augment": to_dict(augment), "page": to_dict(cfg.page),
+        "image_cache": cache_side, "config": to_dict(cfg),
+        "pretrained": source, "split": {h: s for h, s in zip(loaded.hashes, split.assignment)},
+    }
+    history, best = train_stages(cfg, classifier, train_loader, val_loader, loss_fn, eval_loss_fn, multilabel, device,
+                                 meta, out / BEST, progress)
+    state = torch.load(out / BEST, map_location="cpu", weights_only=True)
+    classifier.load_state_dict(state["model"])
+    report_on = "test" if parts.indices["test"] else "val"
+    metrics = _evaluate(cfg, classifier, parts, report_on, hospital.classes, multilabel, device, progress)
+    plot_confusion_matrix(metrics, str(out / "confusion_matrix.png"))
+    plot_curves(history, out / "curves.png")
+    summary = _summary(report_on, metrics, best, split, loaded, hospital, multilabel, source, out, start)
+    atomic_write_json(out / "metrics.json", {"summary": summary, report_on: metrics, "history": history,
+                                             "split_mode": split.mode, "moved_to_keep_groups_together": split.moved},
+                      newline=False, indent=1, allow_nan=False)
+    log.info("fine-tuned in %.1f s: %s macro-F1 %.3f, accuracy %.3f", summary["seconds"], report_on,
+             summary["macro_f1"], summary["accuracy"])
+    return summary
 
-    def subset(name: str, transform: Any) -> ImageSet:
-        idx = parts[name]
-        return ImageSet([loaded.images[i] for i in idx], targets[idx], transform)
 
-    train_set = subset("train", train_tf)
+class _Parts:
+    """The decoded images, their targets and split, as `ImageSet`s per part (train / val / test)."""
+
+    def __init__(self, loaded: LoadedImages, split: Split, targets: torch.Tensor, augment: AugmentConfig) -> None:
+        self.loaded, self.targets = loaded, targets
+        self.indices = {name: split.indices(name) for name in ("train", "val", "test")}
+        self.transforms = {train: build_torchvision_transform(augment, train=train) for train in (True, False)}
+
+    def subset(self, name: str, train: bool) -> ImageSet:
+        idx = self.indices[name]
+        return ImageSet([self.loaded.images[i] for i in idx], self.targets[idx], self.transforms[train])
+
+
+def _loaders(cfg: FinetuneConfig, train_set: ImageSet, val_set: ImageSet, multilabel: bool,
+             device: torch.device) -> tuple[DataLoader, DataLoader]:
     sampler = balanced_sampler(train_set.targets, multilabel, cfg.seed) if cfg.imbalance == "balanced_sampler" else None
     pin = device.type == "cuda"
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.workers,
                               drop_last=len(train_set) > cfg.batch_size, pin_memory=pin,
                               generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(subset("val", eval_tf), cfg.batch_size, num_workers=cfg.workers, pin_memory=pin)
-    loss_fn = make_loss(train_set.targets, len(classes), multilabel, cfg.imbalance).to(device)
-    eval_loss_fn = make_loss(train_set.targets, len(classes), multilabel, "none").to(device)
+    val_loader = DataLoader(val_set, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin)
+    return train_loader, val_loader
 
-    classifier = Classifier(encoder, len(classes), cfg.dropout).to(device)
-    meta = {
-        "format": FORMAT, "classes": classes, "multilabel": multilabel, "threshold": cfg.threshold,
-        "model_config": to_dict(encoder.cfg), "augment": to_dict(augment), "page": to_dict(cfg.page),
-        "image_cache": cache_side, "config": to_dict(cfg),
-        "pretrained": source, "split": {h: s for h, s in zip(loaded.hashes, split.assignment)},
-    }
-    history, best = _train(cfg, classifier, train_loader, val_loader, loss_fn, eval_loss_fn, multilabel, device, meta,
-                           out / BEST, progress)
-    state = torch.load(out / BEST, map_location="cpu", weights_only=True)
-    classifier.load_state_dict(state["model"])
 
-    report_on = "test" if parts["test"] else "val"
-    probs, _ = predict_batches(classifier, DataLoader(subset(report_on, eval_tf), cfg.batch_size), multilabel, device,
-                               desc=f"evaluate ({report_on})", progress=progress)
-    y_true = targets[parts[report_on]].numpy().astype(np.int64)
-    metrics = evaluate_predictions(y_true, probs, classes, multilabel, cfg.threshold, cfg.n_bootstrap, cfg.seed, progress)
-    plot_confusion_matrix(metrics, str(out / "confusion_matrix.png"))
-    plot_curves(history, out / "curves.png")
-    summary = {
+def _evaluate(cfg: FinetuneConfig, classifier: Classifier, parts: _Parts, report_on: str, classes: list[str],
+              multilabel: bool, device: torch.device, progress: bool) -> dict[str, Any]:
+    """Metrics with bootstrap CIs of the best weights on the test part (validation when there is none)."""
+    probs, _ = predict_batches(classifier, DataLoader(parts.subset(report_on, train=False), cfg.batch_size), multilabel,
+                               device, desc=f"evaluate ({report_on})", progress=progress)
+    y_true = parts.targets[parts.indices[report_on]].numpy().astype(np.int64)
+    return evaluate_predictions(y_true, probs, classes, multilabel, cfg.threshold, cfg.n_bootstrap, cfg.seed, progress)
+
+
+def _summary(report_on: str, metrics: dict[str, Any], best: dict[str, Any], split: Split, loaded: LoadedImages,
+             hospital: HospitalData, multilabel: bool, source: str, out: Path, start: float) -> dict[str, Any]:
+    return {
         "evaluated_on": report_on,
         "accuracy": metrics["accuracy"]["value"],
         "macro_f1": metrics["macro_f1"]["value"],
@@ -391,17 +250,20 @@ def run_finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, data: str |
         "best_val_macro_f1": best["val_macro_f1"],
         "images": {**split.counts(), "copies": loaded.copies, "unreadable": len(loaded.errors),
                    "without_label": hospital.unlabeled},
-        "classes": classes,
+        "classes": hospital.classes,
         "multilabel": multilabel,
         "pretrained": source,
         "checkpoint": str(out / BEST),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    _write_json(out / "metrics.json", {"summary": summary, report_on: metrics, "history": history,
-                                       "split_mode": split.mode, "moved_to_keep_groups_together": split.moved})
-    log.info("fine-tuned in %.1f s: %s macro-F1 %.3f, accuracy %.3f", summary["seconds"], report_on,
-             summary["macro_f1"], summary["accuracy"])
-    return summary
+
+
+def _is_multilabel(task: str, data: HospitalData) -> bool:
+    if task == "single" and data.multilabel:
+        example = next(item for item in data.items if len(item.labels) > 1)
+        raise ValueError(f"{data.root}: task is single-label but {example.id} has labels {';'.join(example.labels)} (use task: multi)")
+    return data.multilabel if task == "auto" else task == "multi"
+
 
 
 def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, out: Path, progress: bool) -> tuple[LoadedImages, Split]:
@@ -433,59 +295,7 @@ def _report_unreadable(loaded: LoadedImages, out: Path) -> None:
         log.warning("... %d unreadable images in all, listed in %s", len(loaded.errors), out / "unreadable.txt")
 
 
-def _train(cfg: FinetuneConfig, classifier: Classifier, train_loader: DataLoader, val_loader: DataLoader,
-           loss_fn: nn.Module, eval_loss_fn: nn.Module, multilabel: bool, device: torch.device,
-           meta: dict[str, Any], best_path: Path, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The unfreezing stages; saves `best_path` whenever validation macro-F1 improves."""
-    history: list[dict[str, Any]] = []
-    best = {"epoch": 0, "val_macro_f1": -math.inf}
-    y_val = val_loader.dataset.targets.numpy().astype(np.int64)
-    epoch = 0
-    for stage_no, stage in enumerate(cfg.stages, start=1):
-        groups = set_trainable(classifier, stage.groups)
-        optimizer = build_optimizer(groups, stage, cfg.lr_decay, cfg.weight_decay)
-        total_steps = stage.epochs * len(train_loader)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-        log.info("stage %d: training %s for up to %d epochs at lr %g", stage_no, ", ".join(g.name for g in groups), stage.epochs, stage.lr)
-        stale = 0
-        for _ in range(stage.epochs):
-            epoch += 1
-            set_trainable(classifier, stage.groups)  # restores train mode of the thawed part
-            tic, seen, total = time.perf_counter(), 0, 0.0
-            for x, y in tqdm(train_loader, desc=f"stage {stage_no} epoch {epoch}", unit="batch", leave=False, disable=not progress):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device):
-                    loss = loss_fn(classifier(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                seen += len(x)
-                total += float(loss.detach()) * len(x)
-            probs, val_loss = predict_batches(classifier, val_loader, multilabel, device, eval_loss_fn, "validate", progress)
-            f1 = point_metrics(y_val, probs, multilabel, cfg.threshold)["macro_f1"]
-            row = {"epoch": epoch, "stage": stage_no, "train_loss": total / max(seen, 1), "val_loss": val_loss,
-                   "val_macro_f1": f1, "lr": optimizer.param_groups[0]["lr"],
-                   "images_per_s": seen / max(time.perf_counter() - tic, 1e-9)}
-            history.append(row)
-            improved = f1 > best["val_macro_f1"]
-            log.info("epoch %d (stage %d): train loss %.4f  val loss %.4f  val macro-F1 %.3f%s  %.0f img/s", epoch, stage_no,
-                     row["train_loss"], val_loss, f1, "  (best)" if improved else "", row["images_per_s"])
-            if improved:
-                best = {"epoch": epoch, "val_macro_f1": f1}
-                state = {k: v.detach().cpu() for k, v in classifier.state_dict().items()}
-                _save_atomic({**meta, "model": state, "epoch": epoch, "val_macro_f1": f1}, best_path)
-                stale = 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    log.info("stage %d: no better validation macro-F1 for %d epochs, %s", stage_no, stale,
-                             "moving on" if stage_no < len(cfg.stages) else "stopping")
-                    break
-    return history, best
-
-
 __all__ = [
-    "FORMAT", "BEST", "StageConfig", "FinetuneConfig", "load_finetune_config", "load_encoder", "set_trainable",
-    "build_optimizer", "targets_for", "make_loss", "balanced_sampler", "predict_batches", "plot_curves", "run_finetune",
+    "FORMAT", "BEST", "FINETUNE_AUGMENT", "StageConfig", "FinetuneConfig", "load_finetune_config", "plot_curves",
+    "run_finetune",
 ]

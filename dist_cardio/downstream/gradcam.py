@@ -24,6 +24,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
+from dist_cardio.atomic import atomic_write_json
 from dist_cardio.downstream.hospital_data import model_image
 from dist_cardio.model import Classifier
 from dist_cardio.downstream.page import GridBox, draw_box, find_grid
@@ -148,9 +149,7 @@ def _write_audit(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any])
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, out / "audit.csv")
-    tmp = out / f".audit.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "audit.json")
+    atomic_write_json(out / "audit.json", summary, newline=False, indent=1)
 
 
 __all__ = ["WARN_ABOVE", "gradcam_maps", "resize_map", "outside_share", "overlay", "page_map", "explain_files"]

@@ -164,4 +164,12 @@ def _draw_matrix(ax: Any, m: np.ndarray, names: Sequence[str], title: str) -> No
         ax.text(j, i, str(int(v)), ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=8)
 
 
-__all__ = ["predictions", "point_metrics", "evaluate_predictions", "plot_confusion_matrix"]
+def metric_text(entry: dict[str, Any]) -> str:
+    """`0.812 [0.700, 0.905]` for one `{"value", "ci95"}` entry of `evaluate_predictions`."""
+    value, (lo, hi) = entry["value"], entry["ci95"]
+    if value is None:
+        return "undefined"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{value:.3f}"
+
+
+__all__ = ["predictions", "point_metrics", "evaluate_predictions", "plot_confusion_matrix", "metric_text"]

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from dist_cardio.config import from_dict
 from dist_cardio.data import AugmentConfig, build_torchvision_transform
-from dist_cardio.downstream.finetune import FORMAT, targets_for
+from dist_cardio.downstream.finetune import FORMAT
+from dist_cardio.downstream.finetune_model import targets_for
 from dist_cardio.downstream.hospital_data import decode_image, decode_side, load_images, model_image, read_hospital
 from dist_cardio.downstream.metrics import evaluate_predictions
 from dist_cardio.model import Classifier, ModelConfig, SimCardioNet

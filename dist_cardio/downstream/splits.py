@@ -20,6 +20,8 @@ from typing import Literal, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from dist_cardio.atomic import atomic_write_json
+
 SPLITS = ("train", "val", "test")
 
 
@@ -168,10 +170,7 @@ def save_split(path: str | Path, split: Split, ids: Sequence[str], hashes: Seque
         "counts": split.counts(),
         "items": [{"id": i, "sha256": h, "split": s} for i, h, s in zip(ids, hashes, split.assignment)],
     }
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
+    atomic_write_json(Path(path), doc, newline=False, indent=1)
 
 
 __all__ = ["SPLITS", "SplitConfig", "Split", "leak_groups", "make_split", "save_split"]

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_cardio.atomic import fsync_dir
+
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # GNU tar and Python's tarfile pad archives to whole records
 INDEX_VERSION = "v1.2"  # DALI wds2idx format
@@ -56,14 +58,6 @@ def index_name(shard: str) -> str:
 def partial_path(path: Path) -> Path:
     """Temporary name beside ``path``: hidden and not ending in .tar/.idx/.json, so no glob takes it."""
     return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -21,10 +21,13 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from dist_cardio import distributed
+from dist_cardio.atomic import fsync_dir
 
 FORMAT = "dist_cardio.checkpoint/1"
 LATEST = "latest"
@@ -47,16 +50,18 @@ class CheckpointConfig:
             raise ValueError(f"keep must be ≥ 1, got {self.keep}")
 
 
+class Stateful(Protocol):
+    """What the manager saves and restores (the pretraining ``TrainState``)."""
+
+    step: int
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -93,13 +98,34 @@ class CheckpointManager:
             link.unlink(missing_ok=True)
             os.link(final, link)  # same bytes, no copy; `latest` survives pruning of its step file
             os.replace(link, self.latest)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         finally:
             tmp.unlink(missing_ok=True)
             link.unlink(missing_ok=True)
         for old in self.step_files()[: -self.keep]:
             old.unlink(missing_ok=True)
         return final
+
+    def save_state(self, state: Stateful) -> Path:
+        """Collective: ``state.state_dict()`` on every rank, the rank that gets the document writes it, all
+        ranks wait until ``latest`` is on disk. Returns ``latest``'s step file (``latest`` on other ranks)."""
+        doc = state.state_dict()
+        path = self.latest
+        if doc is not None:
+            path = self.save(doc, state.step)
+        distributed.barrier()
+        return path
+
+    def restore(self, state: Stateful) -> bool:
+        """Load ``latest`` into ``state``; False when there is none (a fresh run). Errors name ``latest``."""
+        doc = self.load_latest()
+        if doc is None:
+            return False
+        try:
+            state.load_state_dict(doc)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.latest}: {e}") from None
+        return True
 
     def load_latest(self) -> dict[str, Any] | None:
         """The state behind ``latest``, or None when there is none (a fresh run)."""

@@ -13,7 +13,6 @@ events in ``tensorboard/``, ``checkpoints/`` and, at the end, ``loss.png`` and `
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import time
@@ -26,15 +25,17 @@ import numpy as np
 import torch
 
 from dist_cardio import distributed
-from dist_cardio.train.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager, rng_state, set_rng_state
 from dist_cardio.config import dump_yaml, load_config, to_dict
 from dist_cardio.data import AugmentConfig, LoaderConfig, contrastive_loader
+from dist_cardio.model import ModelConfig, SimCardioNet
+from dist_cardio.train.checkpoint import CheckpointConfig, CheckpointManager
 from dist_cardio.train.engines import Engine, EngineConfig, build_engine, zero_lars_refusal
 from dist_cardio.train.gradcache import cached_contrastive_step
 from dist_cardio.train.lars import LarsConfig, build_lars
 from dist_cardio.train.losses import LossConfig, embedding_spread, make_loss
-from dist_cardio.model import ModelConfig, SimCardioNet
+from dist_cardio.train.runlog import COLLAPSED_SPREAD, RunLog, collapse_warning, plot_loss_curve
 from dist_cardio.train.schedule import ScheduleConfig, scaled_lr, warmup_cosine, warmup_steps
+from dist_cardio.train.state import TrainState
 
 
 @dataclass(frozen=True)
@@ -140,145 +141,8 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-# --- logging --------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    """Rank 0's outputs: progress line, ``metrics.jsonl``, TensorBoard. Other ranks log nothing."""
-
-    def __init__(self, out: Path, enabled: bool, start_step: int, total_steps: int) -> None:
-        self.enabled = enabled
-        self.total = total_steps
-        self.metrics = out / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        self._truncate(start_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step: a resumed run hides the events logged after the checkpoint it resumes from.
-        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-
-    def _truncate(self, step: int) -> None:
-        """Keep only rows up to ``step`` (a run killed after its last checkpoint logged steps it will redo)."""
-        if not self.metrics.exists():
-            return
-        rows = [line for line in self.metrics.read_text().splitlines() if _row_step(line) <= step]
-        tmp = self.metrics.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, self.metrics)
-
-    def text(self, message: str) -> None:
-        if self.enabled:
-            print(message, flush=True)
-
-    def row(self, row: dict[str, float | int]) -> None:
-        if not self.enabled:
-            return
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key in ("loss", "spread", "lr", "images_per_s", "data_s", "step_s"):
-            self.tb.add_scalar(f"pretrain/{key}", row[key], row["step"])
-        eta = (self.total - row["step"]) * row["step_s"]
-        self.text(
-            f"step {row['step']}/{self.total} | loss {row['loss']:.4f} | spread {row['spread']:.3f} | lr {row['lr']:.4g} | "
-            f"{row['images_per_s']:.1f} img/s | data {1000 * row['data_s']:.0f} ms | "
-            f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
-        )
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-COLLAPSED_SPREAD = 0.05
-"""Below this :func:`~dist_cardio.train.losses.embedding_spread` after warmup, the run has collapsed."""
-
-
-def collapse_warning(spread: float, loss: float, global_batch: int) -> str:
-    """What a collapsed run means and what to change (printed once, after warmup)."""
-    return (
-        f"warning: the embeddings have collapsed (spread {spread:.3f} < {COLLAPSED_SPREAD}; loss {loss:.4f}, chance "
-        f"ln(2·{global_batch} − 1) = {np.log(2 * global_batch - 1):.4f}): every image maps to about the same point, "
-        "so the network is no longer learning. The views are too different for this model and input size "
-        "(raise augment.crop_scale's lower bound, soften colour jitter, or use a larger model.input_size) "
-        "or the LR is too high (lower schedule.base_lr)."
-    )
-
-
-def _row_step(line: str) -> float:
-    """A metrics row's step; a torn last line (killed mid-write) counts as past any checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-def plot_loss_curve(metrics: Path, png: Path) -> None:
-    """``loss.png`` from ``metrics.jsonl`` (the whole run, resumed parts included)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, (ax, ax_spread) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1.4))
-    ax.plot(steps, [r["loss"] for r in rows], lw=1.2)
-    ax.set(ylabel="contrastive loss", title="SimCardioNet pretraining")
-    ax.grid(alpha=0.3)
-    ax_spread.plot(steps, [r.get("spread", float("nan")) for r in rows], lw=1.2, color="tab:green")
-    ax_spread.axhline(COLLAPSED_SPREAD, color="tab:red", lw=0.8, ls="--", label="collapsed below")
-    ax_spread.set(xlabel="step", ylabel="embedding spread", ylim=(0, None))
-    ax_spread.legend(fontsize=8, loc="upper right")
-    ax_spread.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-
-
-# --- checkpoint state -----------------------------------------------------------------------------------
-
-
 def _engine_tag(cfg: PretrainConfig, precision: str) -> str:
     return f"{cfg.engine.backend}/zero{cfg.engine.zero_stage}/{precision}"
-
-
-def _check_compatible(state: dict[str, Any], cfg: PretrainConfig, plan: Plan, tag: str, path: Path) -> None:
-    """Refuse to resume into a run that would silently differ from the one that wrote the checkpoint."""
-    fix = f"resume with the config it was written with (saved in its 'config'), or use a new --out than {cfg.out}"
-    if state["world_size"] != plan.world_size:
-        raise CheckpointError(f"{path}: written by {state['world_size']} ranks, this run has {plan.world_size} "
-                              f"(data positions and RNG are per rank); {fix}")
-    if state["engine"] != tag:
-        raise CheckpointError(f"{path}: written by engine {state['engine']}, this run uses {tag}; {fix}")
-    saved = state["config"]
-    for section in ("model", "loss", "optim"):
-        if saved[section] != to_dict(getattr(cfg, section)):
-            raise CheckpointError(f"{path}: '{section}' differs from the checkpoint's; {fix}")
-    lrs = state["schedule"]["lr"]
-    if lrs.shape[0] != plan.total_steps or not np.allclose(lrs.numpy(), plan.lrs):
-        raise CheckpointError(f"{path}: the LR schedule differs (global batch, steps or schedule changed); {fix}")
-    if state["step"] > plan.total_steps:
-        raise CheckpointError(f"{path}: at step {state['step']}, beyond this run's {plan.total_steps} steps; {fix}")
-
-
-def _save(manager: CheckpointManager, engine: Engine, loader: Any, cfg: PretrainConfig, plan: Plan, tag: str, step: int) -> Path:
-    """Gather per-rank state (RNG, data position), rank 0 writes; every rank waits until ``latest`` is on disk."""
-    rngs, data = distributed.all_gather_object(rng_state()), distributed.all_gather_object(loader.state_dict())
-    path = manager.latest
-    if distributed.is_main():
-        path = manager.save(
-            {
-                **engine.state_dict(),
-                "schedule": {"lr": torch.from_numpy(plan.lrs)},
-                "rng": rngs, "data": data, "world_size": plan.world_size, "engine": tag, "config": to_dict(cfg),
-            },
-            step,
-        )
-    distributed.barrier()
-    return path
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -313,88 +177,25 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
     _seed(cfg.seed)  # identical initial weights on every rank
     model = SimCardioNet(cfg.model)
     engine = build_engine(cfg.engine, model, build_lars(model, cfg.optim), info, cfg.data.batch_size)
-    tag = _engine_tag(cfg, engine.precision)
     loader = contrastive_loader(cfg.data, cfg.augment, info.rank, info.world_size)
     plan = make_plan(cfg, info.world_size, len(loader))
     manager = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep)
-
-    state = manager.load_latest()
-    start = 0
-    if state is None:
+    state = TrainState(engine, loader, plan.lrs, info.rank, info.world_size, _engine_tag(cfg, engine.precision), to_dict(cfg))
+    if not manager.restore(state):
         _seed(cfg.seed + info.rank)
-    else:
-        _check_compatible(state, cfg, plan, tag, manager.latest)
-        start = state["step"]
-        engine.load_state_dict(state)
-        try:
-            loader.load_state_dict(state["data"][info.rank])  # epoch, batch position, DALI's reader state
-        except ValueError as e:
-            raise CheckpointError(f"{manager.latest}: its data position does not fit this loader ({e})") from None
-        set_rng_state(state["rng"][info.rank])
-        del state
+    start = state.step
 
     log = RunLog(out, info.is_main, start, plan.total_steps)
     if info.is_main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     log.text(("resuming at step %d: " % start if start else "") + plan.describe(cfg, engine.precision))
-    contrastive = make_loss(cfg.loss)
-    spread = [torch.zeros(())]
-
-    def loss_fn(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        spread[0] = embedding_spread(torch.cat([z1, z2]))  # called once per step, on all local embeddings
-        return contrastive(z1, z2)
-
-    warned = False
-    chunk = cfg.grad_cache_chunk or 2 * cfg.data.batch_size
-    step, interrupted, last_saved, last_loss = start, False, start, None
-    window: list[float] = []
-    spreads: list[float] = []
-    data_s = step_s = 0.0
-    t_window = time.perf_counter()
-    batches = _batches(loader)
     try:
-        with StopSignal() as stop:
-            while step < plan.total_steps:
-                t0 = time.perf_counter()
-                epoch, (view1, view2) = next(batches)
-                data_s += time.perf_counter() - t0
-                engine.set_lr(plan.lrs[step])
-                loss = cached_contrastive_step(engine.model, engine.prepare(view1), engine.prepare(view2), chunk,
-                                               loss_fn, engine.backward, engine.no_sync)
-                engine.step()
-                step += 1
-                # One small all-reduce per step: the logged loss (mean over ranks) and whether any rank got SIGTERM.
-                flag = torch.tensor(float(stop.requested), device=loss.device)
-                synced = distributed.all_reduce_mean(torch.stack([loss.float(), spread[0].to(loss.device), flag]))
-                last_loss = float(synced[0])
-                window.append(last_loss)
-                spreads.append(float(synced[1]))
-                interrupted = bool(synced[2] > 0) and step < plan.total_steps  # a finished run is not interrupted
-                step_s += time.perf_counter() - t0
-                if step % cfg.log_every == 0 or step == plan.total_steps or interrupted:
-                    elapsed = time.perf_counter() - t_window
-                    n = len(window)
-                    row = {
-                        "step": step, "epoch": epoch, "loss": sum(window) / n, "spread": sum(spreads) / n,
-                        "lr": float(plan.lrs[step - 1]), "images_per_s": n * plan.global_batch / elapsed,
-                        "data_s": data_s / n, "step_s": step_s / n,
-                    }
-                    log.row(row)
-                    if not warned and step > plan.warmup_steps and row["spread"] < COLLAPSED_SPREAD:
-                        warned = True
-                        log.text(collapse_warning(row["spread"], row["loss"], plan.global_batch))
-                    window, spreads, data_s, step_s, t_window = [], [], 0.0, 0.0, time.perf_counter()
-                if step % cfg.checkpoint.every == 0 or step == plan.total_steps or interrupted:
-                    _save(manager, engine, loader, cfg, plan, tag, step)
-                    last_saved = step
-                if interrupted:
-                    log.text(f"SIGTERM: stopped after step {step}, checkpoint {manager.latest}")
-                    break
+        interrupted, last_saved, last_loss = _loop(cfg, plan, state, manager, log)
     finally:
         log.close()
 
     summary = {
-        "step": step, "total_steps": plan.total_steps, "resumed_from": start or None,
+        "step": state.step, "total_steps": plan.total_steps, "resumed_from": start or None,
         "final_loss": last_loss,
         "checkpoint": str(manager.latest) if last_saved else None, "interrupted": interrupted, "out": str(out),
         "global_batch": plan.global_batch, "per_rank_batch": plan.per_rank_batch, "peak_lr": plan.peak_lr,
@@ -407,4 +208,80 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["PretrainConfig", "load_pretrain_config", "run", "make_plan", "Plan", "plot_loss_curve"]
+class _Window:
+    """Per-step values between two progress lines, averaged into one ``metrics.jsonl`` row."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.spreads: list[float] = []
+        self.data_s = self.step_s = 0.0
+        self.t0 = time.perf_counter()
+
+    def row(self, step: int, epoch: int, lr: float, global_batch: int) -> dict[str, float | int]:
+        n = len(self.losses)
+        return {
+            "step": step, "epoch": epoch, "loss": sum(self.losses) / n, "spread": sum(self.spreads) / n,
+            "lr": lr, "images_per_s": n * global_batch / (time.perf_counter() - self.t0),
+            "data_s": self.data_s / n, "step_s": self.step_s / n,
+        }
+
+
+def _loop(cfg: PretrainConfig, plan: Plan, state: TrainState, manager: CheckpointManager,
+          log: RunLog) -> tuple[bool, int, float | None]:
+    """Steps until the plan's last (or SIGTERM); returns (interrupted, last saved step, last mean loss)."""
+    engine, step_of = state.engine, _step_fn(cfg, state.engine)
+    warned, interrupted, last_saved, last_loss = False, False, state.step, None
+    window, batches = _Window(), _batches(state.loader)
+    with StopSignal() as stop:
+        while state.step < plan.total_steps:
+            t0 = time.perf_counter()
+            epoch, (view1, view2) = next(batches)
+            window.data_s += time.perf_counter() - t0
+            engine.set_lr(plan.lrs[state.step])
+            loss, spread = step_of(view1, view2)
+            engine.step()
+            state.step += 1
+            # One small all-reduce per step: the logged loss (mean over ranks) and whether any rank got SIGTERM.
+            flag = torch.tensor(float(stop.requested), device=loss.device)
+            synced = distributed.all_reduce_mean(torch.stack([loss.float(), spread.to(loss.device), flag]))
+            last_loss = float(synced[0])
+            window.losses.append(last_loss)
+            window.spreads.append(float(synced[1]))
+            interrupted = bool(synced[2] > 0) and state.step < plan.total_steps  # a finished run is not interrupted
+            window.step_s += time.perf_counter() - t0
+            step, last = state.step, state.step == plan.total_steps
+            if step % cfg.log_every == 0 or last or interrupted:
+                row = window.row(step, epoch, float(plan.lrs[step - 1]), plan.global_batch)
+                log.row(row)
+                if not warned and step > plan.warmup_steps and row["spread"] < COLLAPSED_SPREAD:
+                    warned = True
+                    log.text(collapse_warning(row["spread"], row["loss"], plan.global_batch))
+                window = _Window()
+            if step % cfg.checkpoint.every == 0 or last or interrupted:
+                manager.save_state(state)
+                last_saved = step
+            if interrupted:
+                log.text(f"SIGTERM: stopped after step {step}, checkpoint {manager.latest}")
+                break
+    return interrupted, last_saved, last_loss
+
+
+def _step_fn(cfg: PretrainConfig, engine: Engine):
+    """``(view1, view2) -> (loss, spread)``: one gradient-cached contrastive step's forward and backward."""
+    contrastive = make_loss(cfg.loss)
+    chunk = cfg.grad_cache_chunk or 2 * cfg.data.batch_size
+    spread = [torch.zeros(())]
+
+    def loss_fn(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        spread[0] = embedding_spread(torch.cat([z1, z2]))  # called once per step, on all local embeddings
+        return contrastive(z1, z2)
+
+    def step(view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = cached_contrastive_step(engine.model, engine.prepare(view1), engine.prepare(view2), chunk,
+                                       loss_fn, engine.backward, engine.no_sync)
+        return loss, spread[0]
+
+    return step
+
+
+__all__ = ["PretrainConfig", "load_pretrain_config", "run", "make_plan", "Plan"]

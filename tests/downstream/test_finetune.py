@@ -13,15 +13,8 @@ import torch
 from dist_cardio import cli
 from dist_cardio.train.checkpoint import CheckpointManager
 from dist_cardio.config import ConfigError, to_dict
-from dist_cardio.downstream.finetune import (
-    FinetuneConfig,
-    StageConfig,
-    build_optimizer,
-    load_encoder,
-    load_finetune_config,
-    run_finetune,
-    set_trainable,
-)
+from dist_cardio.downstream.finetune import FinetuneConfig, StageConfig, load_finetune_config, run_finetune
+from dist_cardio.downstream.finetune_model import build_optimizer, load_encoder, set_trainable
 from dist_cardio.downstream.hospital_data import load_images, read_hospital
 from dist_cardio.model import Classifier, SimCardioNet, preset, unfreeze_groups
 from dist_cardio.downstream.page import PageConfig

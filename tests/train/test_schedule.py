@@ -1,4 +1,4 @@
-"""schedule.py: scaling rules, warmup + cosine shape, lengths, derived values."""
+"""schedule.py (through pretrain.make_plan, as the trainer calls it): scaling rules, warmup + cosine shape, lengths, derived values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cardio.train.schedule import ScheduleConfig, apply_lr, describe_schedule, lr_schedule, scaled_lr, warmup_cosine
+from dist_cardio.data import LoaderConfig
+from dist_cardio.train.pretrain import PretrainConfig, make_plan
+from dist_cardio.train.schedule import ScheduleConfig, apply_lr, scaled_lr, warmup_cosine
 
 
 def test_scaling_rules_use_the_global_batch():
@@ -38,16 +40,22 @@ def test_edge_lengths():
         warmup_cosine(1.0, 3, 4, 0.0)
 
 
+def _plan(schedule: ScheduleConfig, batch_size: int, world_size: int, steps_per_epoch: int, epochs: int):
+    """The schedule exactly as the trainer derives it (``pretrain.make_plan``)."""
+    cfg = PretrainConfig(data=LoaderConfig(batch_size=batch_size), schedule=schedule, epochs=epochs)
+    return make_plan(cfg, world_size, steps_per_epoch)
+
+
 def test_schedule_from_config_and_description_agree():
     cfg = ScheduleConfig(base_lr=0.3, scaling="linear", warmup_epochs=1.5, final_lr_ratio=0.01)
-    s = lr_schedule(cfg, global_batch=512, steps_per_epoch=10, epochs=4)
-    d = describe_schedule(cfg, global_batch=512, steps_per_epoch=10, epochs=4)
-    assert len(s) == d["total_steps"] == 40 and d["warmup_steps"] == 15
-    assert d["peak_lr"] == pytest.approx(0.6) and s.max() == pytest.approx(0.6)
-    assert s[-1] == pytest.approx(d["final_lr"]) and d["final_lr"] == pytest.approx(0.006)
-    assert d["global_batch"] == 512
+    d = _plan(cfg, batch_size=256, world_size=2, steps_per_epoch=10, epochs=4)
+    s = d.lrs
+    assert len(s) == d.total_steps == 40 and d.warmup_steps == 15
+    assert d.peak_lr == pytest.approx(0.6) and s.max() == pytest.approx(0.6)
+    assert s[-1] == pytest.approx(0.6 * cfg.final_lr_ratio) and s[-1] == pytest.approx(0.006)
+    assert d.global_batch == 512
     # warmup longer than the run is clipped to the run
-    assert describe_schedule(ScheduleConfig(warmup_epochs=10), 256, 3, 2)["warmup_steps"] == 6
+    assert _plan(ScheduleConfig(warmup_epochs=10), 256, 1, 3, 2).warmup_steps == 6
 
 
 def test_apply_lr_sets_every_group():
