@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -249,74 +250,20 @@ def shard_inputs(inputs: list[Path], out: Path, cfg: ShardConfig) -> dict:
         raise NotADirectoryError(f"{out}: --out must be a folder (new or a shard set), not a file")
     started = time.perf_counter()
     state = ShardSet.open(out, cfg.prefix)
-    counts: Counter[str] = Counter()
-    skipped_kinds: Counter[str] = Counter()
-    writer: ShardWriter | None = None
-    max_bytes = int(cfg.max_size_mb * MB)
+    packer = _Packer(state, out, cfg, labels)
     bar = tqdm(unit="file", desc=f"shard → {out.name}", disable=not cfg.progress, dynamic_ncols=True)
     try:
-        earlier = {r["max_side"] for r in state.manifest["runs"]}
-        if earlier and earlier != {cfg.max_side}:
-            raise ShardSetError(f"{out}: built with max_side {earlier.pop()}; pass the same --max-side or another --out "
-                                "(one set, one resolution)")
-        state.begin_run(
-            {
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "inputs": [os.path.abspath(p) for p in inputs],
-                "labels": cfg.labels,
-                "max_side": cfg.max_side,
-            }
-        )
+        _begin_run(state, out, inputs, cfg)
         results = _ordered_results(iter_inputs(inputs, cfg.limits, exclude=out), cfg, frozenset(state.seen))
         for item, result in results:
             bar.update(1)
-            reason = item.reason if isinstance(item, Skipped) else None
-            if isinstance(result, Rejected):
-                reason = result.reason
-            if reason is not None:
-                counts["skipped"] += 1
-                skipped_kinds[_reason_kind(reason)] += 1
-                state.note_skipped(item.source, reason)
-                continue
-            first = state.seen.get(result.key)
-            if first is not None:
-                if first == item.source.as_dict():
-                    counts["already_present"] += 1
-                else:
-                    counts["duplicates"] += 1
-                    state.note_duplicate(result.key, item.source)
-                continue
-            if isinstance(result, Known):
-                raise RuntimeError(f"key {result.key} known to the workers but not to the shard set")
-            label, meta = labels.lookup(item) if labels is not None else (None, {})
-            doc = {
-                "key": result.key,
-                "sha256": result.sha256,
-                "label": label,
-                "meta": meta,
-                "source": item.source.as_dict(),
-                "original_size": list(result.original_size),
-                "size": list(result.size),
-                "format": result.ext,
-            }
-            components = [(result.ext, result.payload), ("json", json.dumps(doc, sort_keys=True).encode())]
-            if writer is not None and (writer.count >= cfg.max_count or writer.size_with(components) > max_bytes):
-                state.commit(writer.finish())
-                writer = None
-            if writer is None:
-                writer = ShardWriter(out, state.next_shard_name())
-            writer.add(result.key, components)
-            state.add_sample({"key": result.key, "shard": None, "label": label, "meta": meta, "source": doc["source"]})
-            counts["added"] += 1
-            if counts["added"] % 64 == 0:
-                bar.set_postfix(added=counts["added"], dup=counts["duplicates"], skip=counts["skipped"], refresh=False)
-        if writer is not None:
-            state.commit(writer.finish())
-            writer = None
+            if packer.take(item, result) and packer.counts["added"] % 64 == 0:
+                c = packer.counts
+                bar.set_postfix(added=c["added"], dup=c["duplicates"], skip=c["skipped"], refresh=False)
+        packer.flush()
         state.finish()
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        packer.abort()
         raise
     finally:
         bar.close()
@@ -324,14 +271,96 @@ def shard_inputs(inputs: list[Path], out: Path, cfg: ShardConfig) -> dict:
     run = state.manifest["runs"][-1]
     return {
         "out": str(out),
-        "added": counts["added"],
-        "duplicates": counts["duplicates"],
-        "already_present": counts["already_present"],
-        "skipped": counts["skipped"],
-        "skipped_kinds": dict(skipped_kinds),
+        "added": packer.counts["added"],
+        "duplicates": packer.counts["duplicates"],
+        "already_present": packer.counts["already_present"],
+        "skipped": packer.counts["skipped"],
+        "skipped_kinds": dict(packer.skipped_kinds),
         "unlabeled": labels.unlabeled if labels is not None else None,
         "shards": run["shards"],
         "recovered": run["recovered"],
         "totals": dict(state.manifest["totals"]),
         "seconds": time.perf_counter() - started,
     }
+
+
+def _begin_run(state: ShardSet, out: Path, inputs: list[Path], cfg: ShardConfig) -> None:
+    """Refuse a second resolution in one set, then record this run in the manifest."""
+    earlier = {r["max_side"] for r in state.manifest["runs"]}
+    if earlier and earlier != {cfg.max_side}:
+        raise ShardSetError(f"{out}: built with max_side {earlier.pop()}; pass the same --max-side or another --out "
+                            "(one set, one resolution)")
+    state.begin_run(
+        {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "inputs": [os.path.abspath(p) for p in inputs],
+            "labels": cfg.labels,
+            "max_side": cfg.max_side,
+        }
+    )
+
+
+class _Packer:
+    """Files each worker result: skipped, already present, duplicate, or a new sample in the open shard."""
+
+    def __init__(self, state: ShardSet, out: Path, cfg: ShardConfig, labels: Any) -> None:
+        self.state, self.out, self.cfg, self.labels = state, out, cfg, labels
+        self.counts: Counter[str] = Counter()
+        self.skipped_kinds: Counter[str] = Counter()
+        self.writer: ShardWriter | None = None
+        self.max_bytes = int(cfg.max_size_mb * MB)
+
+    def take(self, item: Any, result: Any) -> bool:
+        """Handle one result; True when it became a new sample."""
+        reason = item.reason if isinstance(item, Skipped) else None
+        if isinstance(result, Rejected):
+            reason = result.reason
+        if reason is not None:
+            self.counts["skipped"] += 1
+            self.skipped_kinds[_reason_kind(reason)] += 1
+            self.state.note_skipped(item.source, reason)
+            return False
+        first = self.state.seen.get(result.key)
+        if first is not None:
+            if first == item.source.as_dict():
+                self.counts["already_present"] += 1
+            else:
+                self.counts["duplicates"] += 1
+                self.state.note_duplicate(result.key, item.source)
+            return False
+        if isinstance(result, Known):
+            raise RuntimeError(f"key {result.key} known to the workers but not to the shard set")
+        self._add(item, result)
+        return True
+
+    def _add(self, item: Any, result: Any) -> None:
+        label, meta = self.labels.lookup(item) if self.labels is not None else (None, {})
+        doc = {
+            "key": result.key,
+            "sha256": result.sha256,
+            "label": label,
+            "meta": meta,
+            "source": item.source.as_dict(),
+            "original_size": list(result.original_size),
+            "size": list(result.size),
+            "format": result.ext,
+        }
+        components = [(result.ext, result.payload), ("json", json.dumps(doc, sort_keys=True).encode())]
+        w = self.writer
+        if w is not None and (w.count >= self.cfg.max_count or w.size_with(components) > self.max_bytes):
+            self.flush()
+        if self.writer is None:
+            self.writer = ShardWriter(self.out, self.state.next_shard_name())
+        self.writer.add(result.key, components)
+        self.state.add_sample({"key": result.key, "shard": None, "label": label, "meta": meta, "source": doc["source"]})
+        self.counts["added"] += 1
+
+    def flush(self) -> None:
+        """Finish the open shard (if any) and commit it to the manifest."""
+        if self.writer is not None:
+            self.state.commit(self.writer.finish())
+            self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
