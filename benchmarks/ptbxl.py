@@ -104,8 +104,8 @@ class Profile:
 
 
 PROFILES = {
-    "smoke": Profile(dpi=75, max_side=512, pool_limit=64, pretrain_config="cpu-small.yaml", pretrain_steps=8,
-                     finetune_config="cpu-small.yaml", n_bootstrap=100,
+    "smoke": Profile(dpi=75, max_side=512, pool_limit=64, pretrain_config="tiny.yaml", pretrain_steps=8,
+                     finetune_config="tiny.yaml", n_bootstrap=100,
                      finetune_overrides=("stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.001, groups: all}]",)),
     "cpu": Profile(dpi=100, max_side=640, pool_limit=None, pretrain_config="cpu-small.yaml", pretrain_steps=800,
                    finetune_config="cpu-small.yaml"),

@@ -38,9 +38,9 @@ ASSUMED_MFU = 0.3  # a small CNN + attention at modest batch rarely does better
 CPU_DECODE_PER_THREAD = 40  # full-size printouts, DALI CPU decode, one thread (ENVIRONMENT.md)
 
 
-def _views(batch: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _views(batch: int, shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, size, size, generator=g), torch.rand(batch, 3, size, size, generator=g)
+    return torch.rand(batch, 3, *shape, generator=g), torch.rand(batch, 3, *shape, generator=g)
 
 
 def _engine(info: DistInfo, size: str, backend: str, batch: int):
@@ -55,7 +55,7 @@ def throughput(info: DistInfo, size: str, backend: str, batch: int, steps: int, 
     backward / all-reduce / LARS (the timing barrier after the forward is the only addition to the step)."""
     engine, optimizer = _engine(info, size, backend, batch)
     loss_fn = make_loss(LossConfig())
-    input_size = preset(size).input_size
+    input_shape = preset(size).input_shape
     lars_s = [0.0]
     t_lars = [0.0]
     optimizer.register_step_pre_hook(lambda *_: t_lars.__setitem__(0, time.perf_counter()))
@@ -67,7 +67,7 @@ def throughput(info: DistInfo, size: str, backend: str, batch: int, steps: int, 
             parts = dict.fromkeys(parts, 0.0)
             lars_s[0] = 0.0
             start = time.perf_counter()
-        v1, v2 = _views(batch, input_size, 1000 * i + info.rank)
+        v1, v2 = _views(batch, input_shape, 1000 * i + info.rank)
         images = engine.prepare(torch.cat([v1, v2]))
         t0 = time.perf_counter()
         z = engine.model(images)
@@ -111,7 +111,7 @@ def _peak_bytes(device: torch.device) -> int:
 def peak_memory(info: DistInfo, size: str, backend: str, batch: int, chunk: int | None) -> dict:
     """Extra peak memory of one training step over the process's state before it (fresh process)."""
     engine, _ = _engine(info, size, backend, batch)
-    v1, v2 = _views(batch, preset(size).input_size, 0)
+    v1, v2 = _views(batch, preset(size).input_shape, 0)
     v1, v2 = engine.prepare(v1), engine.prepare(v2)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)

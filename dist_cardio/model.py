@@ -1,6 +1,6 @@
 """SimCardioNet: a residual CNN whose last feature map is read by multi-head self-attention.
 
-Layout: stem (two stride-2 3×3 convs, /4) → stages of residual basic blocks (the first stage keeps the
+Layout: stem (two 3×3 convs, /4: strided, or stride 1 + 2×2 max-pool with ``downsample: maxpool``) → stages of residual basic blocks (the first stage keeps the
 resolution, every later stage halves it) → transformer blocks over the spatial positions of the last map
 (tokens = positions, 2-D sinusoidal or learned position encoding, pre-norm attention + MLP) → final
 LayerNorm → mean over tokens = the feature vector ``[B, D]`` (``D = widths[-1]``). Pretraining adds an
@@ -15,10 +15,14 @@ own: the embeddings, hence the contrastive objective, do not depend on how the b
 Size, computed with :func:`count_parameters` and :func:`count_flops` (FLOPs = 2 × multiply-adds of
 convolutions, linear layers and attention matmuls; a training step costs ≈ 3× the forward):
 
-| preset | input | parameters (encoder + projection) | forward GFLOPs / image |
+| preset | input (w × h) | parameters (encoder + projection) | forward GFLOPs / image |
 | --- | --- | --- | --- |
-| ``default`` | 224 | 4.04 M (3.84 M + 0.20 M) | 0.92 |
-| ``cpu-small`` | 64 | 0.12 M (0.113 M + 0.006 M) | 0.0092 |
+| ``default`` | 768×544 | 4.04 M (3.84 M + 0.20 M) | 7.96 |
+| ``cpu-small`` | 512×352 | 0.48 M (0.435 M + 0.050 M) | 0.45 |
+| ``tiny`` | 64×64 | 0.12 M (0.113 M + 0.006 M) | 0.0092 |
+
+Geometry: pages are landscape (A4 297 × 210 mm) and the diagnosis is millimetre-sized (QRS 2-3 mm, ST 1 mm):
+``default`` reads ≈2.6 px/mm, ``cpu-small`` ≈1.8 px/mm of the grid; ``tiny`` (0.2 px/mm) only tests machinery.
 
 GPU speed-ups: put the model and inputs in :func:`memory_format` for the device (channels-last on CUDA,
 which the convolutions prefer; the token flatten is then free) and run bf16 — DeepSpeed
@@ -28,7 +32,6 @@ attention uses ``F.scaled_dot_product_attention`` (flash kernels on GPU); the lo
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
@@ -55,11 +58,18 @@ class ModelConfig:
     pos_encoding: Literal["sinusoidal", "learned"] = "sinusoidal"
     """2-D sinusoidal (fixed, any grid size) or learned (one vector per position of the input grid)."""
     input_size: int = 224
-    """Side of the square input images; must be divisible by the total stride."""
+    """Width of the input images in pixels; must be divisible by the total stride."""
+    input_height: int | None = None
+    """Height of the input images (divisible by the total stride); None = square (``input_size``). ECG
+    pages are landscape (A4: 1.41, the grid box of a rendered page 1.47): set it so the page keeps its aspect."""
     proj_hidden: int = 512
     """Hidden width of the projection head."""
     proj_dim: int = 128
     """Output dim of the projection head (the contrastive embedding)."""
+    proj_norm: bool = False
+    """BatchNorm after the projection head's hidden layer (SimCLR v2, lightly's default): at small batches
+    it keeps the embeddings from collapsing onto one point. Statistics are per forward pass (per chunk
+    when gradient caching), and only pretraining uses the head."""
     norm: Literal["group", "batch"] = "group"
     """Normalisation of the convolutional blocks (see the module docstring for why ``group``)."""
     norm_groups: int = 8
@@ -68,6 +78,9 @@ class ModelConfig:
     """Dropout on the attention weights and the residual branches of the transformer blocks."""
     in_channels: int = 3
     """Image channels (the loaders deliver RGB)."""
+    downsample: Literal["stride", "maxpool"] = "stride"
+    """How stem and stages halve the resolution: strided 3×3 convs, or stride-1 convs + 2×2 max-pool, which
+    keeps a 1-2 px trace's response wherever it falls (on PTB-XL renders it fits where strided does not)."""
 
     def __post_init__(self) -> None:
         if not self.widths or any(w <= 0 for w in self.widths):
@@ -85,6 +98,8 @@ class ModelConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.input_size <= 0 or self.input_size % self.stride:
             raise ValueError(f"input_size ({self.input_size}) must be a positive multiple of the total stride {self.stride}")
+        if self.input_height is not None and (self.input_height <= 0 or self.input_height % self.stride):
+            raise ValueError(f"input_height ({self.input_height}) must be a positive multiple of the total stride {self.stride}")
         if self.proj_hidden < 1 or self.proj_dim < 1:
             raise ValueError(f"proj_hidden and proj_dim must be ≥ 1, got {self.proj_hidden}, {self.proj_dim}")
         if self.norm == "group" and (self.norm_groups < 1 or any(w % self.norm_groups for w in self.widths)):
@@ -100,23 +115,40 @@ class ModelConfig:
         return 4 * 2 ** (len(self.widths) - 1)
 
     @property
+    def input_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the input images."""
+        return (self.input_height or self.input_size, self.input_size)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the last feature map (the attention sees ``rows × cols`` tokens)."""
+        h, w = self.input_shape
+        return h // self.stride, w // self.stride
+
+    @property
     def grid(self) -> int:
-        """Side of the last feature map (the attention sees ``grid²`` tokens)."""
-        return self.input_size // self.stride
+        """Columns of the last feature map (its side when the input is square)."""
+        return self.grid_shape[1]
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "default": ModelConfig(),
+    "default": ModelConfig(input_size=768, input_height=544),
     "cpu-small": ModelConfig(
+        widths=(8, 32, 64, 128), blocks=(1, 1, 1, 1), attn_layers=1, heads=4, input_size=512, input_height=352,
+        proj_hidden=256, proj_dim=64, norm="batch", downsample="maxpool", proj_norm=True,
+    ),
+    "tiny": ModelConfig(
         widths=(16, 32, 64), blocks=(1, 1, 1), attn_layers=1, heads=2, input_size=64,
         proj_hidden=64, proj_dim=32, norm_groups=4,
     ),
 }
-"""Named configs: ``default`` (paper scale, 224 px) and ``cpu-small`` (64 px, for CPU tests and demos)."""
+"""Named configs: ``default`` (GPUs, 768×544 px pages ≈ 2.6 px/mm), ``cpu-small`` (CPUs, 512×352 px ≈ 1.8 px/mm
+of the grid: what a 2-core machine can train and still read a trace) and ``tiny`` (64 px: a smoke size for
+tests of the machinery; at ≈0.2 px/mm it cannot read an ECG)."""
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """The named preset with some fields replaced, e.g. ``preset("cpu-small", dropout=0.0)``."""
+    """The named preset with some fields replaced, e.g. ``preset("tiny", dropout=0.0)``."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r} (choose one of {', '.join(PRESETS)})")
     return replace(PRESETS[name], **overrides)
@@ -203,7 +235,8 @@ class SpatialAttention(nn.Module):
         dim = cfg.widths[-1]
         self.pos_encoding = cfg.pos_encoding
         if cfg.pos_encoding == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid * cfg.grid, dim))
+            self.grid_shape = cfg.grid_shape
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_shape[0] * self.grid_shape[1], dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(TransformerBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.attn_layers))
         self.norm = nn.LayerNorm(dim)
@@ -212,9 +245,9 @@ class SpatialAttention(nn.Module):
         if self.pos_encoding == "sinusoidal":
             return sincos_2d(h, w, x.shape[-1], x.device, x.dtype)
         pos = self.pos_embed
-        side = math.isqrt(pos.shape[1])
-        if (h, w) != (side, side):  # another input size than trained: resample the learned grid
-            grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        rows, cols = self.grid_shape
+        if (h, w) != (rows, cols):  # another input size than trained: resample the learned grid
+            grid = pos.reshape(1, rows, cols, -1).permute(0, 3, 1, 2)
             pos = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
         return pos[0].to(x.dtype)
 
@@ -234,15 +267,22 @@ class Backbone(nn.Module):
         super().__init__()
         w0 = cfg.widths[0]
         # Named so that parameter-name rules (e.g. LARS's "*norm*" exclusion) see what each tensor is.
-        self.stem = nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(cfg.in_channels, w0, 3, 2, 1, bias=False), norm1=_norm2d(cfg, w0), act1=nn.ReLU(inplace=True),
-            conv2=nn.Conv2d(w0, w0, 3, 2, 1, bias=False), norm2=_norm2d(cfg, w0), act2=nn.ReLU(inplace=True),
-        ))
+        pool = cfg.downsample == "maxpool"
+        stem: OrderedDict[str, nn.Module] = OrderedDict()
+        for k, cin in enumerate((cfg.in_channels, w0), start=1):
+            stem[f"conv{k}"] = nn.Conv2d(cin, w0, 3, 1 if pool else 2, 1, bias=False)
+            stem[f"norm{k}"] = _norm2d(cfg, w0)
+            stem[f"act{k}"] = nn.ReLU(inplace=True)
+            if pool:
+                stem[f"pool{k}"] = nn.MaxPool2d(2)
+        self.stem = nn.Sequential(stem)
         stages = []
         cin = w0
         for i, (width, n) in enumerate(zip(cfg.widths, cfg.blocks)):
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*(ResidualBlock(cfg, cin if j == 0 else width, width, stride if j == 0 else 1) for j in range(n))))
+            stride = 1 if i == 0 or pool else 2
+            blocks: list[nn.Module] = [nn.MaxPool2d(2)] if pool and i > 0 else []
+            blocks += [ResidualBlock(cfg, cin if j == 0 else width, width, stride if j == 0 else 1) for j in range(n)]
+            stages.append(nn.Sequential(*blocks))
             cin = width
         self.stages = nn.ModuleList(stages)
         self.attention = SpatialAttention(cfg)
@@ -269,9 +309,10 @@ class SimCardioNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg)
-        self.projector = nn.Sequential(
-            nn.Linear(cfg.widths[-1], cfg.proj_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.proj_hidden, cfg.proj_dim)
-        )
+        hidden: list[nn.Module] = [nn.Linear(cfg.widths[-1], cfg.proj_hidden)]
+        if cfg.proj_norm:
+            hidden.append(nn.BatchNorm1d(cfg.proj_hidden))
+        self.projector = nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(cfg.proj_hidden, cfg.proj_dim))
 
     @property
     def feature_dim(self) -> int:
@@ -340,12 +381,12 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def count_flops(cfg: ModelConfig, batch: int = 1) -> int:
-    """Forward FLOPs of ``SimCardioNet(cfg)`` for ``batch`` images of ``input_size²`` (shapes only, meta device)."""
+    """Forward FLOPs of ``SimCardioNet(cfg)`` for ``batch`` images of ``input_shape`` (shapes only, meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = SimCardioNet(cfg)
-        x = torch.empty(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+        model = SimCardioNet(cfg).eval()  # eval: BatchNorm takes a batch of 1
+        x = torch.empty(batch, cfg.in_channels, *cfg.input_shape)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)

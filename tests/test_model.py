@@ -12,7 +12,7 @@ from dist_cardio import model as M
 from dist_cardio.config import ConfigError, from_dict
 from dist_cardio.model import Classifier, ModelConfig, SimCardioNet, count_flops, count_parameters, preset, sincos_2d, unfreeze_groups
 
-SMALL = preset("cpu-small", dropout=0.0)
+SMALL = preset("tiny", dropout=0.0)
 
 
 def _images(cfg: ModelConfig, n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -22,7 +22,7 @@ def _images(cfg: ModelConfig, n: int = 3, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("pos", ["sinusoidal", "learned"])
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_shapes(pos, norm):
-    cfg = preset("cpu-small", pos_encoding=pos, norm=norm)
+    cfg = preset("tiny", pos_encoding=pos, norm=norm)
     net = SimCardioNet(cfg)
     x = _images(cfg)
     assert net(x).shape == (3, cfg.proj_dim)
@@ -31,7 +31,7 @@ def test_shapes(pos, norm):
 
 
 def test_learned_positions_resample_to_another_input_size():
-    cfg = preset("cpu-small", pos_encoding="learned")
+    cfg = preset("tiny", pos_encoding="learned")
     net = SimCardioNet(cfg).eval()
     assert net(torch.randn(2, 3, 96, 96)).shape == (2, cfg.proj_dim)
 
@@ -66,7 +66,7 @@ def test_group_norm_makes_embeddings_independent_of_batch_split():
     x = _images(SMALL, n=4)
     gn = SimCardioNet(SMALL).train()
     torch.testing.assert_close(gn(x)[:2], gn(x[:2]), rtol=1e-5, atol=1e-6)
-    bn = SimCardioNet(preset("cpu-small", dropout=0.0, norm="batch")).train()
+    bn = SimCardioNet(preset("tiny", dropout=0.0, norm="batch")).train()
     assert not torch.allclose(bn(x)[:2], bn(x[:2]), atol=1e-3)
 
 
@@ -155,12 +155,37 @@ def test_count_flops_matches_an_independent_count():
     assert count_flops(SMALL, batch=3) == 3 * count_flops(SMALL)
 
 
-def test_module_docstring_states_the_real_size_of_the_default():
-    cfg = M.PRESETS["default"]
+@pytest.mark.parametrize("name", ["default", "cpu-small"])
+def test_module_docstring_states_the_real_size_of_the_presets(name):
+    cfg = M.PRESETS[name]
     net = SimCardioNet(cfg)
     params = count_parameters(net)
-    assert 2e6 <= params <= 5e6
-    row = re.search(r"``default`` \| 224 \| ([\d.]+) M .*\| ([\d.]+) \|", M.__doc__)
+    h, w = cfg.input_shape
+    row = re.search(rf"``{name}`` \| {w}×{h} \| ([\d.]+) M .*\| ([\d.]+) \|", M.__doc__)
     assert row, "size table missing from the model docstring"
     assert float(row.group(1)) == round(params / 1e6, 2)
     assert float(row.group(2)) == round(count_flops(cfg) / 1e9, 2)
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned"])
+def test_landscape_input_keeps_the_page_aspect(pos):
+    """cpu-small reads 512 × 352 px pages (width × height): a 16 × 11 map of tokens, no square anywhere."""
+    cfg = preset("cpu-small", pos_encoding=pos, dropout=0.0)
+    assert cfg.input_shape == (352, 512) and cfg.grid_shape == (11, 16)
+    net = SimCardioNet(cfg).eval()
+    x = torch.randn(2, 3, *cfg.input_shape, generator=torch.Generator().manual_seed(0))
+    assert net.backbone.feature_map(x).shape == (2, 128, 11, 16)
+    assert net(x).shape == (2, cfg.proj_dim)
+    with pytest.raises(ValueError, match="input_height"):
+        preset("cpu-small", input_height=350)
+
+
+def test_maxpool_downsampling_and_projection_batchnorm():
+    cfg = preset("cpu-small")
+    net = SimCardioNet(cfg)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.backbone.modules()) == 2 + len(cfg.widths) - 1
+    assert not any(isinstance(m, nn.Conv2d) and m.stride != (1, 1) for m in net.backbone.stem)
+    assert isinstance(net.projector[1], nn.BatchNorm1d)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in SimCardioNet(preset("tiny")).projector)
+    # FLOPs follow the input shape, not a square of its width
+    assert count_flops(cfg) < count_flops(preset("cpu-small", input_height=512))

@@ -34,8 +34,10 @@ from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config, run
 
 RENDER = RenderConfig(dpi=100)
 """100 dpi: 1169×827 pages, ~20 KB PNGs, ~30 pages/s on 2 cores; the 1 mm grid is still 4 px apart."""
-STEPS = 100
-"""Pretraining steps of the full demo (cpu-small, batch 32: about 2 minutes on 2 cores)."""
+STEPS = 30
+"""Pretraining steps of the full demo (cpu-small at 512 × 352 px, batch 32: about 2 minutes on 2 cores)."""
+MAX_SIDE = 640
+"""Shards keep a training-resolution copy (`shard --max-side`): 640 px holds every pixel of the 512 px views."""
 QUICK_STEPS = 12
 EXPLAINED = 4
 """Test images that get a Grad-CAM overlay."""
@@ -76,17 +78,20 @@ def run_demo(out: Path, workers: int, steps: int, quick: bool, progress: bool = 
     render_dir, shards, pre_dir, ft_dir = out / "render", out / "shards", out / "pretrain", out / "finetune"
     with step(f"render: the built-in sample (200 PTB-XL records) → {RENDER.dpi} dpi printouts"):
         render_printouts(SAMPLE_PTBXL, render_dir, RENDER, workers=workers)
-    with step("shard: printouts → WebDataset shards with DALI indexes (unlabelled, for pretraining), then verify"):
-        build_shards([render_dir / "images"], shards, workers=workers, progress=progress)
-    with step(f"pretrain: SimCLR on the unlabelled shards, {steps} steps (configs/pretrain/cpu-small.yaml)"):
+    with step(f"shard: printouts → WebDataset shards (≤ {MAX_SIDE} px) with DALI indexes and labels, then verify"):
+        build_shards([render_dir / "images"], shards, labels=render_dir / "labels.csv", workers=workers,
+                     max_side=MAX_SIDE, progress=progress)
+    with step(f"pretrain: SimCLR on the shards (labels unused), {steps} steps (configs/pretrain/cpu-small.yaml)"):
+        # The monitor scores the encoder by k-NN on the same labelled shards: pretraining never sees a label.
         pre_cfg = load_pretrain_config(CONFIGS / "pretrain" / "cpu-small.yaml",
-                                       [f"data.shards={shards}", f"out={pre_dir}", f"steps={steps}"])
+                                       [f"data.shards={shards}", f"out={pre_dir}", f"steps={steps}",
+                                        f"monitor.shards={shards}", f"monitor.every={_monitor_every(steps)}"])
         pre = pretrain(pre_cfg)
         if pre["losses"]:
             chance = math.log(2 * pre["global_batch"] - 1)  # NT-Xent when every embedding is alike
             print(f"   contrastive loss {pre['losses'][0]:.3f} → {pre['losses'][-1]:.3f} (chance level {chance:.3f})")
     with step("finetune: PTB-XL superclasses, strat_fold 1-8 train / 9 validation / 10 test"):
-        overrides = ["split.mode=strat_fold"] + (_QUICK_FINETUNE if quick else [])
+        overrides = ["split.mode=strat_fold"] + (_QUICK_FINETUNE if quick else _FINETUNE)
         ft_cfg = load_finetune_config(CONFIGS / "finetune" / "cpu-small.yaml", overrides)
         finetune(ft_cfg, pre_dir, render_dir, ft_dir, progress=progress)
     with step("evaluate: held-out test fold, 95% bootstrap confidence intervals"):
@@ -119,9 +124,16 @@ def run_demo(out: Path, workers: int, steps: int, quick: bool, progress: bool = 
 
 
 _QUICK_FINETUNE = [
-    "stages=[{epochs: 1, lr: 0.001, groups: 1}, {epochs: 1, lr: 0.0003, groups: all}]",
+    "stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.002, groups: all}]",
     "n_bootstrap=200",
 ]
+_FINETUNE = ["stages=[{epochs: 2, lr: 0.003, groups: 1}, {epochs: 18, lr: 0.002, groups: all}]"]
+"""The demo's budget (≤ 6 minutes on 2 cores): 20 of cpu-small.yaml's 26 fine-tuning epochs."""
+
+
+def _monitor_every(steps: int) -> int:
+    """k-NN monitor about three times a run, on a progress line (a multiple of log_every = 10)."""
+    return max(10, 10 * round(steps / 30))
 
 
 def _test_images(render_dir: Path, folds: tuple[int, ...], n: int) -> list[Path]:

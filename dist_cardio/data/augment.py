@@ -1,9 +1,9 @@
 """The SimCLR augmentations for ECG printouts, as one config both loader backends implement.
 
 A view is made in this order, by DALI (``dali_pipeline.py``) and by torchvision (``torchvision_pipeline.py``)
-alike: random resized crop to ``size``² → small rotation → colour jitter (brightness, saturation, hue,
+alike: random resized crop to ``shape`` (height × width) → small rotation → colour jitter (brightness, saturation, hue,
 contrast, in that fixed order, all together with probability ``jitter_p``) → grayscale → blur → flips →
-normalisation to float. Evaluation (``train=False``) resizes the whole page to ``size``² and
+normalisation to float. Evaluation (``train=False``) resizes the whole page to ``shape`` and
 normalises, so every lead stays in view.
 
 ECG-specific choices: a horizontal flip reverses time and a vertical flip inverts the polarity of every
@@ -22,7 +22,10 @@ class AugmentConfig:
     """Augmentation ranges (``augment:`` section of the pretraining and fine-tuning configs)."""
 
     size: int = 224
-    """Side of the square output views in pixels (the network input)."""
+    """Width of the output views in pixels (the network input's ``model.input_size``)."""
+    height: int | None = None
+    """Height of the output views (``model.input_height``); None = square. A page squeezed into a square
+    loses its aspect (A4 landscape is 1.41 wide for 1 high) and a fifth of its horizontal resolution."""
     crop_scale: tuple[float, float] = (0.25, 1.0)
     """Random resized crop: range of the crop's area as a fraction of the page. The lower bound keeps
     a few beats of several leads in every view; SimCLR's ImageNet default 0.08 often cuts one lead only."""
@@ -61,6 +64,8 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 4096:
             raise ValueError(f"size must be in 16..4096 pixels, got {self.size}")
+        if self.height is not None and not 16 <= self.height <= 4096:
+            raise ValueError(f"height must be in 16..4096 pixels (or null for square views), got {self.height}")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -86,6 +91,11 @@ class AugmentConfig:
             raise ValueError(f"mean and std need 3 values each, std > 0; got mean {self.mean}, std {self.std}")
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of every view."""
+        return (self.height or self.size, self.size)
+
+    @property
     def jitters(self) -> bool:
         """Whether colour jitter can change a view at all."""
         return self.jitter_p > 0 and (self.brightness > 0 or self.contrast > 0 or self.saturation > 0 or self.hue > 0)
@@ -103,4 +113,5 @@ class AugmentConfig:
         detail in any view: the crop is relative, so cutting it from the reduced page gives the same view.
         """
         narrowest = min(self.crop_ratio[0], 1.0 / self.crop_ratio[1])
-        return math.ceil(self.size**2 / (self.crop_scale[0] * narrowest))
+        h, w = self.shape
+        return math.ceil(max(h, w) ** 2 / (self.crop_scale[0] * narrowest))

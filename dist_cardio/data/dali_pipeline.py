@@ -130,7 +130,7 @@ def _pipeline(plan: LoaderPlan, paths: list[str], index_paths: list[str], reader
     )
     encoded, metas = (outputs[0], outputs[1:]) if plan.with_json else (outputs, [])
     decoder = "mixed" if plan.device == "gpu" else "cpu"
-    size = (aug.size, aug.size)
+    size = aug.shape  # DALI sizes follow the HWC layout: (height, width)
     if not plan.train:
         views = [_normalise(fn.resize(fn.decoders.image(encoded, device=decoder, output_type=types.RGB), size=size), aug)]
     elif plan.decode == "crop":
@@ -151,7 +151,7 @@ def _pipeline(plan: LoaderPlan, paths: list[str], index_paths: list[str], reader
 
 
 def augment_view(view, aug: AugmentConfig):
-    """A ``size``² uint8 crop → rotation, colour jitter, grayscale, blur, flips → normalised float CHW.
+    """A ``shape`` (height × width) uint8 crop → rotation, colour jitter, grayscale, blur, flips → normalised float CHW.
 
     The jitter runs brightness → saturation, hue (and grayscale, as saturation 0) → contrast, and clamps
     to 0..255 once at the end: each clamping pass costs ~1.3 ms per 224² view in DALI's CPU arithmetic.

@@ -160,7 +160,7 @@ class LabelCoder:
 
 
 def contrastive_loader(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int) -> ShardLoader:
-    """Pairs of independently augmented views ``[B, 3, S, S]`` float32 of this rank's part of the shards."""
+    """Pairs of independently augmented views ``[B, 3, H, W]`` float32 (``aug.shape``) of this rank's part of the shards."""
     plan = _plan(cfg, aug, rank, world_size, train=True, views=2, with_json=False, keys=None)
     return ShardLoader(plan, _backend(plan), None)
 

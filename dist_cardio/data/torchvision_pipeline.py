@@ -64,17 +64,17 @@ class ToRGB(torch.nn.Module):
 
 
 def build_torchvision_transform(aug: AugmentConfig, train: bool) -> T.Compose:
-    """PIL image → normalised float32 tensor ``[3, S, S]``; one random view per call when ``train``.
+    """PIL image → normalised float32 tensor ``[3, H, W]`` (``aug.shape``); one random view per call when ``train``.
 
     Every augmentation runs on the PIL image (Pillow's uint8 C code is several times faster than the
     same ops on float tensors, e.g. hue); only the finished view becomes a tensor.
     """
     tail = [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(aug.mean, aug.std)]
     if not train:
-        return T.Compose([ToRGB(), T.Resize((aug.size, aug.size), antialias=True), *tail])
+        return T.Compose([ToRGB(), T.Resize(aug.shape, antialias=True), *tail])
     steps: list[torch.nn.Module] = [
         ToRGB(),
-        T.RandomResizedCrop(aug.size, scale=aug.crop_scale, ratio=aug.crop_ratio, antialias=True),
+        T.RandomResizedCrop(aug.shape, scale=aug.crop_scale, ratio=aug.crop_ratio, antialias=True),
     ]
     if aug.rotation:
         # Nearest neighbour, torchvision's default for rotations (and ~9× cheaper than linear in DALI on CPU).
@@ -94,11 +94,13 @@ def build_torchvision_transform(aug: AugmentConfig, train: bool) -> T.Compose:
 
 def decode_page(data: bytes, aug: AugmentConfig | None = None, train: bool = True) -> Image.Image:
     """Decode image bytes to RGB. With ``aug``, a JPEG is DCT-scaled down as far as the views allow: in
-    training while the smallest crop keeps ≥ ``aug.size`` px a side, in evaluation while both sides do."""
+    training while the smallest crop keeps ≥ the view's long side in px, in evaluation while the page keeps
+    ≥ the view's height and width."""
     img = open_image(data)
     if aug is not None and img.format in ("JPEG", "MPO"):
         w, h = img.size
-        f = math.sqrt(aug.min_source_area() / (w * h)) if train else max(aug.size / w, aug.size / h)
+        out_h, out_w = aug.shape
+        f = math.sqrt(aug.min_source_area() / (w * h)) if train else max(out_w / w, out_h / h)
         if f < 1.0:
             img.draft("RGB", (math.ceil(w * f), math.ceil(h * f)))
     img.load()

@@ -35,13 +35,13 @@ from dist_cardio.downstream.hospital_data import HospitalData, LoadedImages, des
 from dist_cardio.downstream.metrics import evaluate_predictions, plot_confusion_matrix
 from dist_cardio.downstream.page import PageConfig
 from dist_cardio.downstream.splits import Split, SplitConfig, make_split, save_split
-from dist_cardio.model import Classifier, ModelConfig
+from dist_cardio.model import PRESETS, Classifier, ModelConfig
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dist_cardio.finetuned/1"
 BEST = "best.pt"
-FINETUNE_AUGMENT = AugmentConfig(crop_scale=(0.6, 1.0), rotation=3.0, jitter_p=0.5, grayscale_p=0.1)
+FINETUNE_AUGMENT = AugmentConfig(crop_scale=(0.7, 1.0), crop_ratio=(1.35, 1.55), rotation=3.0, jitter_p=0.5, grayscale_p=0.1)
 """Labelled data is scarce, but the classifier must see most of the page: milder than SimCLR's views."""
 
 
@@ -55,6 +55,9 @@ class StageConfig:
     groups: int | Literal["all"] = "all"
     """How many parameter groups train, counted from the head (`model.unfreeze_groups` order: head,
     attention, last stage, ..., stem); the rest stay frozen."""
+    warmup: float = 0.0
+    """Share of the stage's steps with a linear LR warmup before the cosine (thawing the whole network
+    at full LR throws away what the head and top blocks just learnt)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -63,6 +66,8 @@ class StageConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.groups != "all" and self.groups < 1:
             raise ValueError(f"groups must be ≥ 1 or 'all', got {self.groups}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be a share of the stage in [0, 1), got {self.warmup}")
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,13 @@ class FinetuneConfig:
     dropout: float = 0.2
     """Dropout before the linear head."""
     image_cache: int | None = None
-    """Side of the square images kept in memory (decoded once); None = 2 × the model's input size."""
+    """Width of the copies kept in memory (decoded once, at the model input's aspect); None = 2 × the model's
+    input width."""
     page: PageConfig = field(default_factory=lambda: PageConfig(mode="crop"))
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentConfig = field(default_factory=lambda: FINETUNE_AUGMENT)
-    """Training-time augmentation (milder than pretraining's); `size` is set to the model's input size."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """Training-time augmentation (milder than pretraining's); `size`/`height` are set to the model's input."""
+    model: ModelConfig = field(default_factory=lambda: PRESETS["default"])
     """Architecture for `--from-scratch` runs only; a pretrained checkpoint brings its own."""
     n_bootstrap: int = 1000
     """Resamples for the test metrics' 95% confidence intervals."""
@@ -171,11 +177,11 @@ def run_finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, data: str |
     device = device_for(cfg.device)
     encoder, source = load_encoder(checkpoint, cfg)
     cache_side = cfg.image_cache or 2 * encoder.cfg.input_size
-    augment = dataclasses.replace(cfg.augment, size=encoder.cfg.input_size)
+    augment = dataclasses.replace(cfg.augment, size=encoder.cfg.input_size, height=encoder.cfg.input_height)
     (out / "config.yaml").write_text(dump_yaml(dataclasses.replace(cfg, model=encoder.cfg, augment=augment)))
 
     multilabel = _is_multilabel(cfg.task, hospital)
-    loaded, split = _load_and_split(cfg, hospital, cache_side, out, progress)
+    loaded, split = _load_and_split(cfg, hospital, cache_side, augment.shape, out, progress)
     parts = _Parts(loaded, split, targets_for([it.labels for it in loaded.items], hospital.classes, multilabel), augment)
     train_set = parts.subset("train", train=True)
     train_loader, val_loader = _loaders(cfg, train_set, parts.subset("val", train=False), multilabel, device)
@@ -266,10 +272,12 @@ def _is_multilabel(task: str, data: HospitalData) -> bool:
 
 
 
-def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, out: Path, progress: bool) -> tuple[LoadedImages, Split]:
-    """Decode every image once, drop byte-identical copies, split without leaks; writes `split.json`."""
+def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, input_shape: tuple[int, int], out: Path,
+                    progress: bool) -> tuple[LoadedImages, Split]:
+    """Decode every image once (`side` px wide at the input's aspect), drop byte-identical copies, split
+    without leaks; writes `split.json`."""
     log.info("%s", describe(hospital))
-    loaded = load_images(hospital.items, cfg.page, side, progress).unique()
+    loaded = load_images(hospital.items, cfg.page, side, progress, input_shape).unique()
     _report_unreadable(loaded, out)
     if not loaded.images:
         raise ValueError(f"{hospital.root}: none of the {len(hospital.items)} images could be read (see {out / 'unreadable.txt'})")

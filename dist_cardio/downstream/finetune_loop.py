@@ -26,13 +26,14 @@ if TYPE_CHECKING:  # annotations only: finetune.py imports this module
 log = logging.getLogger(__name__)
 
 
-def stage_lr_factors(total_steps: int) -> np.ndarray:
-    """LR ÷ the stage's base LR before each optimizer step: cosine from 1 to 0 over ``total_steps``.
+def stage_lr_factors(total_steps: int, warmup_steps: int = 0) -> np.ndarray:
+    """LR ÷ the stage's base LR before each optimizer step: a linear warmup over ``warmup_steps``, then
+    cosine from 1 to 0 over the rest of ``total_steps``.
 
     One entry more than the stage has steps: entry ``k`` is what step ``k`` uses, and the last (0) is the
     LR left after the final step (what the epoch's history row logs at the end of a stage).
     """
-    return warmup_cosine(1.0, total_steps + 1, 0, 0.0)
+    return warmup_cosine(1.0, total_steps + 1, min(warmup_steps, total_steps), 0.0)
 
 
 def train_stages(cfg: FinetuneConfig, classifier: Classifier, train_loader: DataLoader, val_loader: DataLoader,
@@ -46,7 +47,8 @@ def train_stages(cfg: FinetuneConfig, classifier: Classifier, train_loader: Data
     for stage_no, stage in enumerate(cfg.stages, start=1):
         groups = set_trainable(classifier, stage.groups)
         optimizer = build_optimizer(groups, stage, cfg.lr_decay, cfg.weight_decay)
-        lr = _StageLR(optimizer, stage.epochs * len(train_loader))
+        steps = stage.epochs * len(train_loader)
+        lr = _StageLR(optimizer, steps, round(stage.warmup * steps))
         log.info("stage %d: training %s for up to %d epochs at lr %g", stage_no, ", ".join(g.name for g in groups), stage.epochs, stage.lr)
         stale = 0
         for _ in range(stage.epochs):
@@ -81,11 +83,12 @@ def train_stages(cfg: FinetuneConfig, classifier: Classifier, train_loader: Data
 class _StageLR:
     """Each param group at its own base LR × the stage's cosine factor for the step about to run."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> None:
         self.optimizer, self.total_steps = optimizer, total_steps
         self.base = [g["lr"] for g in optimizer.param_groups]
-        self.factors = stage_lr_factors(total_steps)
+        self.factors = stage_lr_factors(total_steps, warmup_steps)
         self.step = 0
+        apply_lr_factor(self.optimizer, self.base, self.factors[0])  # 1.0 without warmup
 
     def advance(self) -> None:
         """After an optimizer step: set the LR of the next one (past the end: the last factor)."""

@@ -213,15 +213,25 @@ def decode_side(page: PageConfig, side: int) -> int:
     return max(side, page.detect_side) if page.mode != "none" else side
 
 
-def model_image(img: Image.Image, page: PageConfig, side: int, grid: GridBox | None = None) -> Image.Image:
-    """What the model is fed from: the page cropped/masked per `page`, stretched to `side`×`side`.
+def cache_shape(width: int, input_shape: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of the kept copy of a page: `width` px wide at the model input's aspect."""
+    h, w = input_shape
+    return max(1, round(width * h / w)), width
 
-    Stretching (not centre-cropping) keeps all twelve leads; training, evaluation, prediction and
-    Grad-CAM all use this one geometry, so a map at input resolution maps back by a plain resize.
-    `grid`: the page's grid box when already found (the search is the costly part).
+
+def model_image(img: Image.Image, page: PageConfig, side: int, grid: GridBox | None = None,
+                input_shape: tuple[int, int] | None = None) -> Image.Image:
+    """What the model is fed from: the page cropped/masked per `page`, resized to `side` px wide at the
+    aspect of `input_shape` (height, width; None: square `side`×`side`).
+
+    Resizing the whole page (not centre-cropping) keeps all twelve leads; at the input's own aspect it
+    also keeps the traces' proportions (a square would squeeze a landscape page by 1.4×). Training,
+    evaluation, prediction and Grad-CAM all use this one geometry, so a map at input resolution maps back
+    by a plain resize. `grid`: the page's grid box when already found (the search is the costly part).
     """
     prepared = prepare_page(img, page) if grid is None else apply_page(img, page, grid)
-    return prepared.resize((side, side), Image.Resampling.LANCZOS)
+    h, w = cache_shape(side, input_shape or (side, side))
+    return prepared.resize((w, h), Image.Resampling.LANCZOS)
 
 
 def _item_bytes(items: list[HospitalImage]) -> Iterator[tuple[int, bytes | str, str]]:
@@ -255,8 +265,10 @@ def _item_bytes(items: list[HospitalImage]) -> Iterator[tuple[int, bytes | str, 
             yield i, f"sample not found in {shard.name}", ""
 
 
-def load_images(items: list[HospitalImage], page: PageConfig, side: int, progress: bool = True) -> LoadedImages:
-    """Decode, hash and shrink every image; unreadable ones land in `errors`, the rest keep their order."""
+def load_images(items: list[HospitalImage], page: PageConfig, side: int, progress: bool = True,
+                input_shape: tuple[int, int] | None = None) -> LoadedImages:
+    """Decode, hash and shrink every image (to `model_image`'s geometry); unreadable ones land in
+    `errors`, the rest keep their order."""
     results: dict[int, tuple[Image.Image, str]] = {}
     errors: dict[int, str] = {}
     for i, data, digest in tqdm(_item_bytes(items), total=len(items), desc="read images", unit="img", disable=not progress):
@@ -264,7 +276,7 @@ def load_images(items: list[HospitalImage], page: PageConfig, side: int, progres
             errors[i] = data
             continue
         try:
-            img = model_image(decode_image(data, decode_side(page, side)), page, side)
+            img = model_image(decode_image(data, decode_side(page, side)), page, side, input_shape=input_shape)
         except BadImage as e:
             errors[i] = str(e)
             continue
@@ -289,4 +301,4 @@ def describe(data: HospitalData) -> str:
             f"{'multi' if data.multilabel else 'single'}-label, classes {json.dumps(dict(sorted(counts.items())))}")
 
 
-__all__ = ["HospitalImage", "HospitalData", "LoadedImages", "read_hospital", "decode_image", "decode_side", "model_image", "load_images", "describe", "LABELS_CSV"]
+__all__ = ["HospitalImage", "HospitalData", "LoadedImages", "read_hospital", "decode_image", "decode_side", "cache_shape", "model_image", "load_images", "describe", "LABELS_CSV"]

@@ -26,7 +26,7 @@ from dist_cardio.downstream.finetune_model import targets_for
 from dist_cardio.downstream.hospital_data import decode_image, decode_side, load_images, model_image, read_hospital
 from dist_cardio.downstream.metrics import evaluate_predictions
 from dist_cardio.model import Classifier, ModelConfig, SimCardioNet
-from dist_cardio.downstream.page import PageConfig
+from dist_cardio.downstream.page import GridBox, PageConfig
 from dist_cardio.shard.imagecheck import BadImage
 from dist_cardio.shard.sources import IMAGE_SUFFIXES
 
@@ -41,10 +41,13 @@ class FinetunedModel:
     threshold: float
     page: PageConfig
     image_cache: int
+    """Width of the page copy the transform reads (at the input's aspect), as in fine-tuning."""
     split: dict[str, str]
     """Content hash → split of the images it was fine-tuned on (to evaluate on its test images only)."""
     transform: Any
     device: torch.device
+    input_shape: tuple[int, int] = (224, 224)
+    """``(height, width)`` of the classifier's input."""
 
     @property
     def decode_side(self) -> int:
@@ -52,7 +55,11 @@ class FinetunedModel:
 
     def inputs(self, pages: list[Image.Image]) -> torch.Tensor:
         """Decoded pages → the normalised batch the classifier takes."""
-        return torch.stack([self.transform(model_image(p, self.page, self.image_cache)) for p in pages]).to(self.device)
+        return torch.stack([self.transform(self.page_copy(p)) for p in pages]).to(self.device)
+
+    def page_copy(self, page: Image.Image, grid: GridBox | None = None) -> Image.Image:
+        """The page cropped/masked and resized exactly as in fine-tuning (what the transform reads)."""
+        return model_image(page, self.page, self.image_cache, grid, self.input_shape)
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         self.classifier.eval()
@@ -91,6 +98,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
         split=dict(state["split"]),
         transform=build_torchvision_transform(augment, train=False),
         device=device,
+        input_shape=model_cfg.input_shape,
     )
 
 
@@ -172,7 +180,7 @@ def evaluate_data(model: FinetunedModel, data: str | Path, subset: str = "auto",
         raise ValueError(f"{data}: no image has labels this model knows ({', '.join(model.classes)})")
     if unknown:
         log.warning("%d images have labels the model does not know (it knows %s): left out", unknown, ", ".join(model.classes))
-    loaded = load_images(items, model.page, model.image_cache, progress).unique()
+    loaded = load_images(items, model.page, model.image_cache, progress, model.input_shape).unique()
     for item_id, reason in loaded.errors:
         log.warning("left out unreadable image %s: %s", item_id, reason)
     splits = [model.split.get(h) for h in loaded.hashes]

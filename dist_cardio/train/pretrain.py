@@ -33,6 +33,7 @@ from dist_cardio.train.engines import Engine, EngineConfig, build_engine, zero_l
 from dist_cardio.train.gradcache import cached_contrastive_step
 from dist_cardio.train.lars import LarsConfig, build_lars
 from dist_cardio.train.losses import LossConfig, embedding_spread, make_loss
+from dist_cardio.train.monitor import KnnMonitor, MonitorConfig
 from dist_cardio.train.runlog import COLLAPSED_SPREAD, RunLog, collapse_warning, plot_loss_curve
 from dist_cardio.train.schedule import ScheduleConfig, scaled_lr, warmup_cosine, warmup_steps
 from dist_cardio.train.state import TrainState
@@ -51,6 +52,8 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """Online k-NN score on a small labelled shard set (off unless ``monitor.shards`` is set)."""
     steps: int | None = None
     """Optimizer steps of the whole run; exactly one of ``steps`` and ``epochs`` is set."""
     epochs: int | None = None
@@ -72,10 +75,14 @@ class PretrainConfig:
             raise ValueError(f"grad_cache_chunk must be ≥ 1 image (or null), got {self.grad_cache_chunk}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be ≥ 1, got {self.log_every}")
-        if self.model.input_size != self.augment.size:
-            raise ValueError(f"model.input_size ({self.model.input_size}) must equal augment.size ({self.augment.size})")
+        if self.model.input_shape != self.augment.shape:
+            raise ValueError(f"model input {self.model.input_shape} (input_height, input_size) must equal the views' "
+                             f"{self.augment.shape} (augment.height, augment.size)")
         if self.engine.backend == "deepspeed" and self.engine.zero_stage > 0:
             raise ValueError(zero_lars_refusal(self.engine.zero_stage))
+        if self.monitor.enabled and self.monitor.every % self.log_every:
+            raise ValueError(f"monitor.every ({self.monitor.every}) must be a multiple of log_every ({self.log_every}): "
+                             "the k-NN score goes on a progress line")
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
@@ -189,8 +196,14 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
     if info.is_main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     log.text(("resuming at step %d: " % start if start else "") + plan.describe(cfg, engine.precision))
+    monitor = KnnMonitor(cfg.monitor, cfg.augment, cfg.data) if cfg.monitor.enabled and info.is_main else None
+    score = _scorer(monitor, model)
+    knn_start = score() if score is not None else None
+    if knn_start is not None:
+        log.text(f"k-NN monitor: {len(monitor)} labelled images of {cfg.monitor.shards}, every {cfg.monitor.every} steps; "
+                 f"AUROC {knn_start['knn_auroc']:.3f} at step {start} (chance 0.5)")
     try:
-        interrupted, last_saved, last_loss = _loop(cfg, plan, state, manager, log)
+        interrupted, last_saved, last_loss = _loop(cfg, plan, state, manager, log, score)
     finally:
         log.close()
 
@@ -199,7 +212,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
         "final_loss": last_loss,
         "checkpoint": str(manager.latest) if last_saved else None, "interrupted": interrupted, "out": str(out),
         "global_batch": plan.global_batch, "per_rank_batch": plan.per_rank_batch, "peak_lr": plan.peak_lr,
-        "rank": info.rank,
+        "rank": info.rank, "knn_start": knn_start,
     }
     if info.is_main:
         if log.metrics.exists():
@@ -226,8 +239,15 @@ class _Window:
         }
 
 
+def _scorer(monitor: KnnMonitor | None, model: SimCardioNet):
+    """``() -> {"knn_auroc", ...}`` on rank 0 when a monitor is configured, else None."""
+    if monitor is None:
+        return None
+    return lambda: monitor.score(model, next(model.parameters()).device)
+
+
 def _loop(cfg: PretrainConfig, plan: Plan, state: TrainState, manager: CheckpointManager,
-          log: RunLog) -> tuple[bool, int, float | None]:
+          log: RunLog, score: Any = None) -> tuple[bool, int, float | None]:
     """Steps until the plan's last (or SIGTERM); returns (interrupted, last saved step, last mean loss)."""
     engine, step_of = state.engine, _step_fn(cfg, state.engine)
     warned, interrupted, last_saved, last_loss = False, False, state.step, None
@@ -252,6 +272,8 @@ def _loop(cfg: PretrainConfig, plan: Plan, state: TrainState, manager: Checkpoin
             step, last = state.step, state.step == plan.total_steps
             if step % cfg.log_every == 0 or last or interrupted:
                 row = window.row(step, epoch, float(plan.lrs[step - 1]), plan.global_batch)
+                if score is not None and (step % cfg.monitor.every == 0 or last):
+                    row.update(score())
                 log.row(row)
                 if not warned and step > plan.warmup_steps and row["spread"] < COLLAPSED_SPREAD:
                     warned = True

@@ -45,11 +45,13 @@ class RunLog:
             return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for key in ("loss", "spread", "lr", "images_per_s", "data_s", "step_s"):
-            self.tb.add_scalar(f"pretrain/{key}", row[key], row["step"])
+        for key in ("loss", "spread", "lr", "images_per_s", "data_s", "step_s", "knn_auroc", "knn_accuracy"):
+            if key in row:
+                self.tb.add_scalar(f"pretrain/{key}", row[key], row["step"])
         eta = (self.total - row["step"]) * row["step_s"]
+        knn = f" | k-NN AUROC {row['knn_auroc']:.3f}" if "knn_auroc" in row else ""
         self.text(
-            f"step {row['step']}/{self.total} | loss {row['loss']:.4f} | spread {row['spread']:.3f} | lr {row['lr']:.4g} | "
+            f"step {row['step']}/{self.total} | loss {row['loss']:.4f} | spread {row['spread']:.3f}{knn} | lr {row['lr']:.4g} | "
             f"{row['images_per_s']:.1f} img/s | data {1000 * row['data_s']:.0f} ms | "
             f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         )

@@ -26,7 +26,10 @@ class ScheduleConfig:
     """LR before scaling by the global batch (SimCLR: 0.3 with ``linear``, 0.075 with ``sqrt``)."""
     scaling: Literal["linear", "sqrt", "none"] = "linear"
     warmup_epochs: float = 10.0
-    """Linear warmup from ≈0 to the peak, in epochs (may be fractional)."""
+    """Linear warmup from ≈0 to the peak, in epochs (may be fractional); ignored when ``warmup_fraction`` is set."""
+    warmup_fraction: float | None = None
+    """Warmup as a share of the whole run (e.g. 0.1). Prefer it for short runs on small sets: a warmup in
+    epochs becomes the whole run once an epoch has more steps than the run."""
     final_lr_ratio: float = 0.0
     """LR at the last step as a fraction of the peak (cosine decays to it)."""
 
@@ -35,6 +38,8 @@ class ScheduleConfig:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be ≥ 0, got {self.warmup_epochs}")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1) (or null), got {self.warmup_fraction}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
 
@@ -66,7 +71,9 @@ def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int, final_lr:
 
 
 def warmup_steps(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> int:
-    """``cfg.warmup_epochs`` in optimizer steps, clipped to the run."""
+    """The warmup in optimizer steps: ``warmup_fraction`` of the run, else ``warmup_epochs``; clipped to the run."""
+    if cfg.warmup_fraction is not None:
+        return round(cfg.warmup_fraction * total_steps)
     return min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
 
 

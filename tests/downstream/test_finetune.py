@@ -28,9 +28,12 @@ CONFIGS = REPO / "configs" / "finetune"
 
 def test_default_yaml_is_the_dataclass_default_and_cpu_small_loads():
     assert load_finetune_config(CONFIGS / "default.yaml") == FinetuneConfig()
+    tiny = load_finetune_config(CONFIGS / "tiny.yaml")
+    assert tiny.model == preset("tiny")
+    assert tiny.page.mode == "crop"
     small = load_finetune_config(CONFIGS / "cpu-small.yaml")
-    assert small.model == preset("cpu-small")
-    assert small.page.mode == "crop"
+    assert small.model == preset("cpu-small") and small.page.mode == "crop"
+    assert FinetuneConfig().model == preset("default")
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -60,7 +63,7 @@ def _grads_after_step(model: Classifier) -> set[str]:
 ])
 def test_unfreezing_stages_change_which_parameters_get_gradients(groups, trained):
     torch.manual_seed(0)
-    model = Classifier(SimCardioNet(preset("cpu-small")), 3, dropout=0.1)
+    model = Classifier(SimCardioNet(preset("tiny")), 3, dropout=0.1)
     with torch.no_grad():  # like a pretrained model: no zero-initialised scales that would block gradients
         for name, p in model.named_parameters():
             if name.endswith("norm2.weight"):
@@ -87,7 +90,7 @@ def test_unfreezing_stages_change_which_parameters_get_gradients(groups, trained
 def _save_pretrained(path: Path) -> SimCardioNet:
     """A cpu-small encoder saved the way pretraining saves it (CheckpointManager, config as a plain dict)."""
     torch.manual_seed(1)
-    encoder = SimCardioNet(preset("cpu-small"))
+    encoder = SimCardioNet(preset("tiny"))
     manager = CheckpointManager(path)
     manager.save({"model": encoder.state_dict(), "config": {"model": to_dict(encoder.cfg), "seed": 1}}, step=7)
     return encoder
@@ -123,7 +126,7 @@ def rendered(shared_data, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_real_finetune_run_writes_all_outputs(rendered, tmp_path):
     pretrained = _save_pretrained(tmp_path / "pre" / "checkpoints")
-    cfg = load_finetune_config(CONFIGS / "cpu-small.yaml", [
+    cfg = load_finetune_config(CONFIGS / "tiny.yaml", [
         'stages=[{epochs: 2, lr: 0.003, groups: 1}, {epochs: 2, lr: 0.001, groups: all}]', "n_bootstrap=50",
     ])
     out = tmp_path / "hospital"
@@ -154,7 +157,7 @@ def test_real_finetune_run_writes_all_outputs(rendered, tmp_path):
 @pytest.mark.slow
 def test_head_only_stage_leaves_the_pretrained_encoder_untouched(rendered, tmp_path):
     pretrained = _save_pretrained(tmp_path / "pre" / "checkpoints")
-    cfg = load_finetune_config(CONFIGS / "cpu-small.yaml", ['stages=[{epochs: 2, lr: 0.01, groups: 1}]', "n_bootstrap=0"])
+    cfg = load_finetune_config(CONFIGS / "tiny.yaml", ['stages=[{epochs: 2, lr: 0.01, groups: 1}]', "n_bootstrap=0"])
     run_finetune(cfg, tmp_path / "pre", rendered, tmp_path / "out", progress=False)
     state = torch.load(tmp_path / "out" / "best.pt", weights_only=True)["model"]
     for name, value in pretrained.backbone.state_dict().items():
@@ -175,7 +178,7 @@ def test_folder_data_single_label_with_an_unreadable_image(rendered, tmp_path):
         shutil.copy(rendered / row["path"], hospital / row["label"] / f"again-{Path(row['path']).name}")
     bad = hospital / "NORM" / "broken.png"
     bad.write_bytes((rendered / rows[0]["path"]).read_bytes()[:500])
-    cfg = load_finetune_config(CONFIGS / "cpu-small.yaml", [
+    cfg = load_finetune_config(CONFIGS / "tiny.yaml", [
         'stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.001}]', "n_bootstrap=20", "imbalance=balanced_sampler",
     ])
     summary = run_finetune(cfg, None, hospital, tmp_path / "out", progress=False)
@@ -191,7 +194,7 @@ def test_labelled_shards_fine_tune_and_their_test_images_are_found_among_the_ori
     shards = tmp_path / "shards"
     shard_inputs([rendered / "images"], shards, ShardConfig(labels=str(rendered / "labels.csv"), workers=1,
                                                             max_side=400, progress=False))
-    cfg = load_finetune_config(CONFIGS / "cpu-small.yaml", ['stages=[{epochs: 1, lr: 0.003, groups: 1}]', "n_bootstrap=0"])
+    cfg = load_finetune_config(CONFIGS / "tiny.yaml", ['stages=[{epochs: 1, lr: 0.003, groups: 1}]', "n_bootstrap=0"])
     summary = run_finetune(cfg, None, shards, tmp_path / "out", progress=False)
     assert summary["multilabel"] and json.loads((tmp_path / "out" / "split.json").read_text())["mode"] == "strat_fold"
     # the shards hold re-encoded copies, yet the run's test images are recognised in the original CSV set

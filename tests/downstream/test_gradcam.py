@@ -120,7 +120,7 @@ def test_gradcam_highlights_a_planted_patch(shared_data):
     rng = np.random.default_rng(0)
     files = sorted((shared_data / "ecg-printouts").glob("ecg0000*.*"))[:6]
     backgrounds = [np.asarray(Image.open(f).convert("RGB").resize((256, 128))) for f in files]
-    model = Classifier(SimCardioNet(preset("cpu-small", dropout=0.0)), 2)
+    model = Classifier(SimCardioNet(preset("tiny", dropout=0.0)), 2)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(150):
         x, y, _ = _patch_batch(rng, backgrounds, 32)
@@ -162,7 +162,7 @@ def test_audit_catches_a_header_shortcut_and_masking_removes_it(shared_data, tmp
         img.save(hospital / cls / page.name)
     results = {}
     for mode in ("none", "mask"):
-        cfg = load_finetune_config(REPO / "configs" / "finetune" / "cpu-small.yaml", [f"page.mode={mode}", "n_bootstrap=0"])
+        cfg = load_finetune_config(REPO / "configs" / "finetune" / "tiny.yaml", [f"page.mode={mode}", "n_bootstrap=0"])
         summary = run_finetune(cfg, None, hospital, tmp_path / mode, progress=False)
         split = json.loads((tmp_path / mode / "split.json").read_text())
         banner_test = [hospital / it["id"] for it in split["items"] if it["split"] == "test" and it["id"].startswith("banner/")]

@@ -34,7 +34,7 @@ def finetuned(shared_data, tmp_path_factory) -> tuple[Path, Path]:
             if row["label"] in ("NORM", "MI", "STTC"):
                 (hospital / row["label"]).mkdir(exist_ok=True)
                 shutil.copy(rendered / row["path"], hospital / row["label"])
-    cfg = load_finetune_config(REPO / "configs" / "finetune" / "cpu-small.yaml",
+    cfg = load_finetune_config(REPO / "configs" / "finetune" / "tiny.yaml",
                                ['stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.001}]', "n_bootstrap=20"])
     run = tmp_path_factory.mktemp("run")
     run_finetune(cfg, None, hospital, run, progress=False)

@@ -126,7 +126,7 @@ def test_local_executor_is_one_machine():
 # --- `dist-cardio submit` / `dist-cardio jobs` without a cluster -------------------------------------------
 
 REPO = Path(__file__).resolve().parents[2]
-CPU_SMALL = str(REPO / "configs" / "pretrain" / "cpu-small.yaml")
+CPU_SMALL = str(REPO / "configs" / "pretrain" / "tiny.yaml")
 
 
 def submit(capsys, *args: str) -> tuple[int, str, str]:
@@ -157,7 +157,7 @@ def test_finetune_dry_run_prints_the_array_and_each_hospitals_config(capsys, tmp
     spec.write_text("hospitals:\n  - {name: north, data: north}\n  - {name: south, data: south, set: ['seed=5']}\n")
     (tmp_path / "encoder.pt").write_bytes(b"")
     code, out, err = submit(capsys, "finetune", "--checkpoint", str(tmp_path / "encoder.pt"), "--hospitals", str(spec),
-                            "--config", str(REPO / "configs" / "finetune" / "cpu-small.yaml"), "--set", "seed=3",
+                            "--config", str(REPO / "configs" / "finetune" / "tiny.yaml"), "--set", "seed=3",
                             "--array-parallelism", "1", "--gpus-per-node", "1", "--folder", str(tmp_path / "jobs"), "--dry-run")
     assert (code, err) == (0, "")
     assert "#SBATCH --array=0-1%1" in out.splitlines() and "#SBATCH --gpus-per-node=1" in out.splitlines()

@@ -114,7 +114,7 @@ def test_cluster_checks_name_what_the_cluster_offers(slurm_cluster):
 
 # --- pretraining and fine-tuning through `dist-cardio submit` -----------------------------------------------
 
-PRETRAIN = ["--config", str(REPO / "configs" / "pretrain" / "cpu-small.yaml"), "--nodes", "2", "--time", "00:10:00",
+PRETRAIN = ["--config", str(REPO / "configs" / "pretrain" / "tiny.yaml"), "--nodes", "2", "--time", "00:10:00",
             "--set", "data.batch_size=4", "--set", "steps=24", "--set", "log_every=1", "--set", "checkpoint.every=6"]
 
 
@@ -243,7 +243,7 @@ def hospitals_file(tmp_path_factory) -> Path:
 def test_finetune_array_runs_every_hospital_and_summarises_one_failure(slurm_cluster, reference_run, hospitals_file, tmp_path):
     out = tmp_path / "finetune"
     done = cli("submit", "finetune", "--checkpoint", str(reference_run / "checkpoints" / "latest"),
-               "--hospitals", str(hospitals_file), "--config", str(REPO / "configs" / "finetune" / "cpu-small.yaml"),
+               "--hospitals", str(hospitals_file), "--config", str(REPO / "configs" / "finetune" / "tiny.yaml"),
                *FINETUNE_SET, "--out", str(out), "--folder", str(tmp_path / "jobs"), "--array-parallelism", "3",
                "--time", "00:10:00", "--wait")
     assert done.returncode == 1, done.stdout + done.stderr  # one hospital failed

@@ -41,7 +41,7 @@ def _train(engine, rank: int, steps: range, lrs) -> list[float]:
 
 def _fresh(info: DistInfo, backend: str, precision: str = "fp32"):
     torch.manual_seed(0)
-    model = SimCardioNet(preset("cpu-small"))  # dropout 0.1: the RNG must line up too
+    model = SimCardioNet(preset("tiny"))  # dropout 0.1: the RNG must line up too
     engine = build_engine(EngineConfig(backend=backend, precision=precision), model, build_lars(model, LarsConfig()), info, BATCH)
     torch.manual_seed(100 + info.rank)
     return engine
@@ -105,7 +105,7 @@ def test_engine_state_round_trips_through_a_weights_only_file():
 def test_deepspeed_zero_1_2_with_lars_is_refused(stage):
     from dist_cardio.train.engines.deepspeed_engine import DeepSpeedEngine
 
-    model = SimCardioNet(preset("cpu-small"))
+    model = SimCardioNet(preset("tiny"))
     info = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
     with pytest.raises(ValueError, match=rf"ZeRO stage {stage} with LARS is refused.*per-layer trust ratio"):
         DeepSpeedEngine(EngineConfig(zero_stage=stage), model, build_lars(model, LarsConfig()), info, BATCH)
@@ -124,4 +124,4 @@ def test_pretrain_config_refuses_zero_1_with_lars_at_load_time(tmp_path):
     from dist_cardio.train.pretrain import load_pretrain_config
 
     with pytest.raises(ConfigError, match="ZeRO stage 1 with LARS is refused"):
-        load_pretrain_config(Path(__file__).resolve().parents[2] / "configs/pretrain/cpu-small.yaml", ["engine.zero_stage=1"])
+        load_pretrain_config(Path(__file__).resolve().parents[2] / "configs/pretrain/tiny.yaml", ["engine.zero_stage=1"])

@@ -20,7 +20,7 @@ LOSS = functools.partial(hybrid_loss, temperature=0.2, cos_weight=0.5)
 
 def _net(dropout: float, norm: str = "group") -> nn.Module:
     torch.manual_seed(0)
-    return SimCardioNet(preset("cpu-small", dropout=dropout, norm=norm)).double()
+    return SimCardioNet(preset("tiny", dropout=dropout, norm=norm)).double()
 
 
 def _views(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ def test_param_groups_by_pattern_and_1d_rule():
 
 
 def test_model_names_make_patterns_alone_sufficient():
-    m = SimCardioNet(PRESETS["cpu-small"])
+    m = SimCardioNet(PRESETS["tiny"])
     by_pattern = lars_param_groups(m, exclude_1d=False)
     by_both = lars_param_groups(m)
     assert [len(g["params"]) for g in by_pattern] == [len(g["params"]) for g in by_both]
