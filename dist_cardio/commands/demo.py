@@ -127,7 +127,7 @@ _QUICK_FINETUNE = [
     "stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.002, groups: all}]",
     "n_bootstrap=200",
 ]
-_FINETUNE = ["stages=[{epochs: 2, lr: 0.003, groups: 1}, {epochs: 18, lr: 0.002, groups: all}]"]
+_FINETUNE = ["stages=[{epochs: 2, lr: 0.003, groups: 1}, {epochs: 18, lr: 0.002, groups: all, warmup: 0.1}]"]
 """The demo's budget (≤ 6 minutes on 2 cores): 20 of cpu-small.yaml's 26 fine-tuning epochs."""
 
 

@@ -84,7 +84,10 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     batch_size: int = 32
     patience: int = 3
-    """Epochs without a better validation macro-F1 before a stage ends (the last stage: training ends)."""
+    """Epochs without a better validation score (`select_on`) before a stage ends (the last stage: training ends)."""
+    select_on: Literal["macro_f1", "macro_auroc"] = "macro_f1"
+    """Validation metric that keeps the best epoch and drives early stopping. Macro-AUROC needs no threshold
+    and moves less from epoch to epoch on a validation set of a few dozen images."""
     task: Literal["auto", "single", "multi"] = "auto"
     """`auto`: multi-label when any image has several labels (`A;B`), else single-label (softmax)."""
     threshold: float = 0.5

@@ -39,9 +39,9 @@ def stage_lr_factors(total_steps: int, warmup_steps: int = 0) -> np.ndarray:
 def train_stages(cfg: FinetuneConfig, classifier: Classifier, train_loader: DataLoader, val_loader: DataLoader,
                  loss_fn: nn.Module, eval_loss_fn: nn.Module, multilabel: bool, device: torch.device,
                  meta: dict[str, Any], best_path: Path, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The unfreezing stages; saves `best_path` whenever validation macro-F1 improves."""
+    """The unfreezing stages; saves `best_path` whenever the validation `cfg.select_on` metric improves."""
     history: list[dict[str, Any]] = []
-    best = {"epoch": 0, "val_macro_f1": -math.inf}
+    best = {"epoch": 0, "val_macro_f1": -math.inf, "score": -math.inf}
     y_val = val_loader.dataset.targets.numpy().astype(np.int64)
     epoch = 0
     for stage_no, stage in enumerate(cfg.stages, start=1):
@@ -58,23 +58,26 @@ def train_stages(cfg: FinetuneConfig, classifier: Classifier, train_loader: Data
             seen, train_loss = _train_epoch(classifier, train_loader, loss_fn, optimizer, lr, device,
                                             f"stage {stage_no} epoch {epoch}", progress)
             probs, val_loss = predict_batches(classifier, val_loader, multilabel, device, eval_loss_fn, "validate", progress)
-            f1 = point_metrics(y_val, probs, multilabel, cfg.threshold)["macro_f1"]
+            val = point_metrics(y_val, probs, multilabel, cfg.threshold)
+            f1, score = val["macro_f1"], val[cfg.select_on]
+            score = f1 if math.isnan(score) else score  # no class with both outcomes in validation: F1 decides
             row = {"epoch": epoch, "stage": stage_no, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_macro_f1": f1, "lr": optimizer.param_groups[0]["lr"],
+                   "val_macro_f1": f1, "val_macro_auroc": val["macro_auroc"], "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": seen / max(time.perf_counter() - tic, 1e-9)}
             history.append(row)
-            improved = f1 > best["val_macro_f1"]
-            log.info("epoch %d (stage %d): train loss %.4f  val loss %.4f  val macro-F1 %.3f%s  %.0f img/s", epoch, stage_no,
-                     row["train_loss"], val_loss, f1, "  (best)" if improved else "", row["images_per_s"])
+            improved = score > best["score"]
+            log.info("epoch %d (stage %d): train loss %.4f  val loss %.4f  val macro-F1 %.3f  macro-AUROC %.3f%s  %.0f img/s",
+                     epoch, stage_no, row["train_loss"], val_loss, f1, val["macro_auroc"], "  (best)" if improved else "",
+                     row["images_per_s"])
             if improved:
-                best = {"epoch": epoch, "val_macro_f1": f1}
+                best = {"epoch": epoch, "val_macro_f1": f1, "score": score}
                 state = {k: v.detach().cpu() for k, v in classifier.state_dict().items()}
                 atomic_save(best_path, lambda tmp: torch.save({**meta, "model": state, "epoch": epoch, "val_macro_f1": f1}, tmp))
                 stale = 0
             else:
                 stale += 1
                 if stale >= cfg.patience:
-                    log.info("stage %d: no better validation macro-F1 for %d epochs, %s", stage_no, stale,
+                    log.info("stage %d: no better validation %s for %d epochs, %s", stage_no, cfg.select_on, stale,
                              "moving on" if stage_no < len(cfg.stages) else "stopping")
                     break
     return history, best

@@ -26,3 +26,24 @@ def test_stage_lr_matches_the_former_lambdalr(total_steps):
             assert g_new["lr"] == pytest.approx(g_old["lr"], rel=1e-12, abs=1e-18)
         old_opt.step(); new_opt.step()
         old.step(); new.advance()
+
+
+def test_stage_warmup_ramps_each_group_from_its_own_base_lr():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1e-3}, {"params": [params[1]], "lr": 5e-4}])
+    lr = _StageLR(opt, total_steps=10, warmup_steps=4)
+    seen = []
+    for _ in range(10):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        lr.advance()
+    assert [s[0] for s in seen[:4]] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(a == pytest.approx(2 * b) for a, b in seen)  # the groups keep their ratio (discriminative LRs)
+    assert seen[4][0] == pytest.approx(1e-3) and seen[-1][0] < seen[5][0]  # then the cosine decays
+
+
+def test_stage_config_refuses_a_warmup_that_is_not_a_share():
+    from dist_cardio.downstream.finetune import StageConfig
+
+    with pytest.raises(ValueError, match="warmup"):
+        StageConfig(epochs=2, lr=1e-3, warmup=1.0)
