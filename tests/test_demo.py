@@ -90,7 +90,9 @@ def test_demo_writes_every_artifact_and_resumes(tmp_path: Path) -> None:
         decodable_png(p)
     with open(written["shortcut audit"], newline="") as f:
         audit = list(csv.DictReader(f))
-    assert len(audit) == 4 and all(0.0 <= float(r["outside_grid_share"]) <= 1.0 for r in audit)
+    # a share per image, or empty where the quick model's Grad-CAM map is all zero (nothing to locate)
+    assert len(audit) == 4 and all(r["outside_grid_share"] == "" or 0.0 <= float(r["outside_grid_share"]) <= 1.0
+                                   for r in audit)
 
     # a second run into the same folder finishes, redoing nothing that is complete
     kept = {p: p.stat().st_mtime_ns for p in [*(out / "render" / "images").glob("*.png"), written["fine-tuned model"],

@@ -59,16 +59,17 @@ def train_stages(cfg: FinetuneConfig, classifier: Classifier, train_loader: Data
                                             f"stage {stage_no} epoch {epoch}", progress)
             probs, val_loss = predict_batches(classifier, val_loader, multilabel, device, eval_loss_fn, "validate", progress)
             val = point_metrics(y_val, probs, multilabel, cfg.threshold)
-            f1, score = val["macro_f1"], val[cfg.select_on]
-            score = f1 if math.isnan(score) else score  # no class with both outcomes in validation: F1 decides
+            f1, auroc = val["macro_f1"], val["macro_auroc"]
+            auroc = None if math.isnan(auroc) else auroc  # no class with both outcomes in validation
+            score = auroc if cfg.select_on == "macro_auroc" and auroc is not None else f1
             row = {"epoch": epoch, "stage": stage_no, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_macro_f1": f1, "val_macro_auroc": val["macro_auroc"], "lr": optimizer.param_groups[0]["lr"],
+                   "val_macro_f1": f1, "val_macro_auroc": auroc, "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": seen / max(time.perf_counter() - tic, 1e-9)}
             history.append(row)
             improved = score > best["score"]
-            log.info("epoch %d (stage %d): train loss %.4f  val loss %.4f  val macro-F1 %.3f  macro-AUROC %.3f%s  %.0f img/s",
-                     epoch, stage_no, row["train_loss"], val_loss, f1, val["macro_auroc"], "  (best)" if improved else "",
-                     row["images_per_s"])
+            log.info("epoch %d (stage %d): train loss %.4f  val loss %.4f  val macro-F1 %.3f  macro-AUROC %s%s  %.0f img/s",
+                     epoch, stage_no, row["train_loss"], val_loss, f1, "n/a" if auroc is None else f"{auroc:.3f}",
+                     "  (best)" if improved else "", row["images_per_s"])
             if improved:
                 best = {"epoch": epoch, "val_macro_f1": f1, "score": score}
                 state = {k: v.detach().cpu() for k, v in classifier.state_dict().items()}
