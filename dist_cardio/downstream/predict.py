@@ -46,8 +46,11 @@ class FinetunedModel:
     """Content hash → split of the images it was fine-tuned on (to evaluate on its test images only)."""
     transform: Any
     device: torch.device
-    input_shape: tuple[int, int] = (224, 224)
-    """``(height, width)`` of the classifier's input."""
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the classifier's input (from its own config)."""
+        return self.classifier.cfg.input_shape
 
     @property
     def decode_side(self) -> int:
@@ -98,7 +101,6 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
         split=dict(state["split"]),
         transform=build_torchvision_transform(augment, train=False),
         device=device,
-        input_shape=model_cfg.input_shape,
     )
 
 
