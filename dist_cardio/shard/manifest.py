@@ -49,7 +49,10 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest.json here (not a shard set? create one with `dist-cardio shard`)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardSetError(f"{path}: damaged manifest ({e}); restore manifest.json from a copy before reading or adding to this set") from None
     if manifest.get("version") != VERSION:
         raise ShardSetError(f"{path}: manifest version {manifest.get('version')!r}, this dist_cardio reads {VERSION}")
     return manifest

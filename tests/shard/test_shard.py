@@ -580,3 +580,11 @@ def test_imagecheck_reasons(shared_data):
 
 def _png_chunk(ctype: bytes, payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + ctype + payload + zlib.crc32(ctype + payload).to_bytes(4, "big")
+
+
+def test_damaged_manifest_is_an_error_naming_the_file(tmp_path):
+    from dist_cardio.shard import read_manifest
+
+    (tmp_path / "manifest.json").write_text('{"version": 1, "shards": [')
+    with pytest.raises(ValueError, match=r"manifest\.json: damaged manifest"):
+        read_manifest(tmp_path)
