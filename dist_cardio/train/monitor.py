@@ -54,6 +54,7 @@ class KnnMonitor:
 
     def __init__(self, cfg: MonitorConfig, aug: AugmentConfig, data: LoaderConfig) -> None:
         self.cfg = cfg
+        # Read here, not through shard.read_manifest: train/ sits above data/ only (docs/ARCHITECTURE.md).
         manifest = Path(cfg.shards) / "manifest.json"
         try:
             doc = json.loads(manifest.read_text())
@@ -73,6 +74,10 @@ class KnnMonitor:
         self.images = torch.cat(images)[: cfg.max_images]
         y = torch.cat(targets)[: cfg.max_images]
         self.onehot = (y.float() if self.multilabel else torch.nn.functional.one_hot(y, len(self.classes)).float()).numpy()
+        positives = self.onehot.sum(axis=0)
+        if not ((positives > 0) & (positives < len(self.onehot))).any():
+            raise ValueError(f"{cfg.shards}: no class of the first {len(self.onehot)} monitor images has both positives and "
+                             "negatives, so the k-NN AUROC is undefined; use a set with mixed labels")
 
     def __len__(self) -> int:
         return len(self.images)
