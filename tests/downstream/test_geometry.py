@@ -22,13 +22,11 @@ from dist_cardio.downstream.page import find_grid
 from dist_cardio.downstream.predict import evaluate_data, load_finetuned, predict_files
 from dist_cardio.model import preset
 from dist_cardio.shard import ShardConfig, shard_inputs
-from dist_cardio.signals.render import RenderConfig, render_dataset
+from dist_cardio.signals.render import PAGE_MM, RenderConfig, render_dataset
 from dist_cardio.train.pretrain import load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "dist_cardio" / "sample" / "ptbxl"
-PAGE_MM = (297.0, 210.0)
-"""A4 landscape: the renderer's page, whatever the dpi."""
 FLOOR = 1.7
 """px per mm below which QRS complexes (2-3 mm) and ST shifts (1 mm) are lost (README, geometry)."""
 INPUT = (352, 512)
@@ -68,9 +66,10 @@ def _record_inputs(model: torch.nn.Module) -> tuple[list[tuple[int, int]], objec
 def test_cpu_small_geometry_keeps_the_page_aspect_and_the_trace(pages):
     """On every rendered page, the model input holds ≥ 1.7 px per mm of the grid, at the grid's aspect (±3 %)."""
     assert preset("cpu-small").input_shape == INPUT
+    page_cfg = load_finetune_config(REPO / "configs" / "finetune" / "cpu-small.yaml").page
     for path in sorted(pages.rglob("*.png"))[:6]:
         with Image.open(path) as img:
-            box = find_grid(img.convert("RGB"), load_finetune_config(REPO / "configs" / "finetune" / "cpu-small.yaml").page)
+            box = find_grid(img.convert("RGB"), page_cfg)
         assert box.detected, path
         left, top, right, bottom = box.box
         grid_mm = ((right - left) * PAGE_MM[0], (bottom - top) * PAGE_MM[1])
