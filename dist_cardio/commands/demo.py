@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -95,8 +96,10 @@ def run_demo(out: Path, workers: int, steps: int, quick: bool, progress: bool = 
             chance = math.log(2 * pre["global_batch"] - 1)  # NT-Xent when every embedding is alike
             print(f"   contrastive loss {pre['losses'][0]:.3f} → {pre['losses'][-1]:.3f} (chance level {chance:.3f})")
     with step("finetune: PTB-XL superclasses, strat_fold 1-8 train / 9 validation / 10 test"):
-        overrides = ["split.mode=strat_fold"] + (_QUICK_FINETUNE if quick else _FINETUNE)
+        overrides = ["split.mode=strat_fold"] + (_QUICK_FINETUNE if quick else [])
         ft_cfg = load_finetune_config(CONFIGS / "finetune" / "cpu-small.yaml", overrides)
+        if not quick:
+            ft_cfg = _within_epochs(ft_cfg, FINETUNE_EPOCHS)
         finetune(ft_cfg, pre_dir, render_dir, ft_dir, progress=progress)
     with step("evaluate: held-out test fold, 95% bootstrap confidence intervals"):
         metrics = evaluate(ft_dir, render_dir, out / "evaluate", "test", 200 if quick else 1000, progress=progress)
@@ -131,8 +134,17 @@ _QUICK_FINETUNE = [
     "stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.002, groups: all}]",
     "n_bootstrap=200",
 ]
-_FINETUNE = ["stages=[{epochs: 2, lr: 0.003, groups: 1}, {epochs: 18, lr: 0.002, groups: all, warmup: 0.1}]"]
+FINETUNE_EPOCHS = 20
 """The demo's budget (≤ 6 minutes on 2 cores): 20 of cpu-small.yaml's 26 fine-tuning epochs."""
+
+
+def _within_epochs(cfg: FinetuneConfig, epochs: int) -> FinetuneConfig:
+    """``cfg`` with its last unfreezing stage shortened so that all stages together last ``epochs``."""
+    *first, last = cfg.stages
+    cut = sum(s.epochs for s in cfg.stages) - epochs
+    if cut <= 0:
+        return cfg
+    return dataclasses.replace(cfg, stages=(*first, dataclasses.replace(last, epochs=max(1, last.epochs - cut))))
 
 
 def _monitor_every(steps: int) -> int:
