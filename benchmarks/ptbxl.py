@@ -1,7 +1,7 @@
 """PTB-XL benchmark: does contrastive pretraining on unlabelled printouts help superclass classification?
 
     python benchmarks/ptbxl.py [--profile smoke|cpu|full] [--data-root ../shared/data] [--work DIR]
-                               [--workers N] [--json results.json]
+                               [--workers N] [--seeds 3] [--json results.json]
 
 Protocol (real data from `--data-root`, see its README for licences; PTB-XL: Wagner et al., Sci Data 7:154, 2020):
 1. Render `ptbxl-500` (PTB-XL ecg_id 1-500, 100 Hz) as clean 12-lead printouts: the labelled hospital.
@@ -19,6 +19,11 @@ Protocol (real data from `--data-root`, see its README for licences; PTB-XL: Wag
 5. Evaluate every model on fold 10 (the test set proper: 64 labelled records) and on folds 9+10 (136, tighter
    intervals, but fold 9 was used for model selection, so it is slightly optimistic). Metrics:
    exact-match accuracy (all five labels right), macro-F1, macro-AUROC, each with a 95% bootstrap CI.
+6. The information ceiling: a plain 1-D CNN on the 100 Hz signals of the same records, labels and folds
+   (`benchmarks/signal_baseline.py`).
+Seeds: pretraining runs once (seed 0); the 100 % arms once; the 25 % arms, whose comparison carries the
+pretraining claim, `--seeds` times (each seed draws its own subset and fine-tunes with its own seed).
+Tables give mean ± sd over seeds and every run's bootstrap CI.
 
 How this differs from the SimCardioNet paper (~92% accuracy and F1 on all 21,837 PTB-XL records):
 - Data: 500 records (the oldest, 1984-85: not a random sample) instead of 21,837, so 352 labelled
@@ -26,16 +31,16 @@ How this differs from the SimCardioNet paper (~92% accuracy and F1 on all 21,837
 - Printouts are drawn from the signals by this project's renderer, not printed by ECG carts and
   scanned, and the pool's signals are band-passed and z-scored, so their amplitudes are typical, not
   the patient's.
-- Model and budget: the `cpu` profile uses the 0.12 M-parameter `cpu-small` network at 64 px, where a
-  whole page's traces are barely a pixel wide, and minutes of pretraining; `full` uses the `default`
-  network (~4 M parameters, 224 px) and a GPU, closer to the paper's setting but still a small pool.
+- Model and budget: the `cpu` profile uses the 0.48 M-parameter `cpu-small` network at 512 × 352 px
+  (1.8 px/mm of ECG grid) and 800 pretraining steps at batch 32; `full` uses the `default` network
+  (~4 M parameters, 768 × 544 px) and a GPU, closer to the paper's setting but still a small pool.
 - Accuracy here is multi-label exact match over five classes, a stricter measure than per-label accuracy.
 So the absolute numbers are far below the paper's; the comparison that matters is pretrained vs
 scratch under the same conditions, and with 64 test records only CIs that do not overlap are a finding.
 
-Profiles: `smoke` checks the script in a couple of minutes (tiny pool, few steps; numbers meaningless);
-`cpu` fits a 2-core machine in about 45 minutes including rendering; `full` is for a GPU (200 dpi,
-the 224 px `default` network, longer pretraining). Everything is cached in `--work`: a re-run skips the
+Profiles: `smoke` checks the script in a few minutes (tiny pool, few steps; numbers meaningless);
+`cpu` fits a 2-core machine in about 90 minutes including rendering; `full` is for a GPU (200 dpi,
+the 768 × 544 px `default` network, longer pretraining). Everything is cached in `--work`: a re-run skips the
 rendered images, shards, finished pretraining and finished fine-tunings it finds there.
 """
 
@@ -69,6 +74,7 @@ from dist_cardio.downstream.metrics import metric_text
 from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config
 from dist_cardio.signals.records import read_id_list
 from dist_cardio.signals.render import RenderConfig
+from signal_baseline import run_baseline  # benchmarks/ is on sys.path when this script runs
 
 REPO = Path(__file__).resolve().parents[1]
 LABELLED = "ptbxl-500"
@@ -77,6 +83,7 @@ POOL_WFDB = "g12ec-50"
 METRICS = ("accuracy", "macro_f1", "macro_auroc")
 FRACTIONS = (100, 25)
 TEST_SETS = {"fold10": (10,), "folds9-10": (9, 10)}
+ARMS = ("pretrained", "scratch")
 SELECTION_FOLD = 9
 TRAIN_FOLDS = tuple(range(1, 9))
 
@@ -97,6 +104,8 @@ class Profile:
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
     n_bootstrap: int = 1000
+    signal_epochs: int = 40
+    """Training epochs of the signal baseline (~35 s per seed on one thread at 40)."""
 
     def __post_init__(self) -> None:
         if self.pretrain_steps < 1:
@@ -105,7 +114,7 @@ class Profile:
 
 PROFILES = {
     "smoke": Profile(dpi=75, max_side=512, pool_limit=64, pretrain_config="tiny.yaml", pretrain_steps=8,
-                     finetune_config="tiny.yaml", n_bootstrap=100,
+                     finetune_config="tiny.yaml", n_bootstrap=100, signal_epochs=2,
                      finetune_overrides=("stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.001, groups: all}]",)),
     "cpu": Profile(dpi=100, max_side=640, pool_limit=None, pretrain_config="cpu-small.yaml", pretrain_steps=800,
                    finetune_config="cpu-small.yaml"),
@@ -115,9 +124,12 @@ PROFILES = {
 
 
 def scratch_config(cfg: FinetuneConfig, pre: PretrainConfig) -> FinetuneConfig:
-    """The baseline: the pretraining architecture, all layers trained for the arm's total epochs at its top LR."""
-    stage = StageConfig(epochs=sum(s.epochs for s in cfg.stages), lr=max(s.lr for s in cfg.stages), groups="all")
-    return dataclasses.replace(cfg, model=pre.model, stages=(stage,))
+    """The baseline: the pretraining architecture, all layers for the arm's total epochs at its top LR, one
+    LR for every layer (discriminative LRs protect pretrained features; a random encoder has none) and a
+    10 % warmup (the pretrained arm's full-network stage has one too)."""
+    stage = StageConfig(epochs=sum(s.epochs for s in cfg.stages), lr=max(s.lr for s in cfg.stages), groups="all",
+                        warmup=0.1)
+    return dataclasses.replace(cfg, model=pre.model, stages=(stage,), lr_decay=1.0)
 
 
 def write_subset(labels: Path, target: Path, keep: Any) -> int:
@@ -143,15 +155,18 @@ def training_subset(labels: Path, fraction: int, seed: int) -> set[str]:
     return set(np.random.default_rng(seed).permutation(train)[:n].tolist())
 
 
-def label_files(render_dir: Path, seed: int) -> dict[str, Path]:
-    """The CSVs fine-tuning and evaluation read: `train-100`, `train-25` (val + test folds whole), the test sets."""
+def label_files(render_dir: Path, seeds: int) -> dict[str, Path]:
+    """The CSVs fine-tuning and evaluation read: `train-100`, `train-25-seedK` per seed (val + test folds
+    whole in each), and the test sets."""
     labels = render_dir / "labels.csv"
     files: dict[str, Path] = {}
     for fraction in FRACTIONS:
-        chosen = training_subset(labels, fraction, seed)
-        files[f"train-{fraction}"] = render_dir / f"labels-train{fraction}.csv"
-        n = write_subset(labels, files[f"train-{fraction}"], lambda r: r["path"] in chosen or int(r["strat_fold"] or 0) not in TRAIN_FOLDS)
-        print(f"   {fraction}% of the training rows: {len(chosen)} ({n} rows with validation and test)")
+        for seed in range(seeds if fraction < 100 else 1):
+            chosen = training_subset(labels, fraction, seed)
+            key = run_key(fraction, seed)
+            files[key] = render_dir / f"labels-{key}.csv"
+            n = write_subset(labels, files[key], lambda r, chosen=chosen: r["path"] in chosen or int(r["strat_fold"] or 0) not in TRAIN_FOLDS)
+            print(f"   {fraction}% of the training rows (seed {seed}): {len(chosen)} ({n} rows with validation and test)")
     for name, folds in TEST_SETS.items():
         files[name] = render_dir / f"labels-{name}.csv"
         n = write_subset(labels, files[name], lambda r, folds=folds: r["strat_fold"] and int(r["strat_fold"]) in folds)
@@ -159,20 +174,41 @@ def label_files(render_dir: Path, seed: int) -> dict[str, Path]:
     return files
 
 
+def run_key(fraction: int, seed: int) -> str:
+    """`train-100` (one run: every training row), `train-25-seed0`, … (a seeded subset per seed)."""
+    return f"train-{fraction}" if fraction == 100 else f"train-{fraction}-seed{seed}"
+
+
+def seed_stats(runs: list[dict[str, Any]], test: str, metric: str) -> tuple[float | None, float | None]:
+    """Mean and sample sd over seeds (sd None for one seed); None where the metric was undefined."""
+    values = [r[test][metric]["value"] for r in runs if r[test][metric]["value"] is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 def results_table(results: dict[str, Any]) -> str:
-    """Both arms × label fractions × test sets, each metric with its 95% CI."""
-    head = f"{'arm':<11} {'labels':>6}  {'test set':<10} " + "  ".join(f"{m:<22}" for m in METRICS)
+    """Both arms × label fractions and the signal model, per test set: mean ± sd over seeds, then the 95%
+    bootstrap CI of every seed's run."""
+    head = f"{'arm':<11} {'labels':>6} {'seeds':>5}  {'test set':<10} " + "  ".join(f"{m:<22}" for m in METRICS)
     lines = [head, "─" * len(head)]
-    for arm in ("pretrained", "scratch"):
-        for fraction in FRACTIONS:
-            for test in TEST_SETS:
-                m = results[arm][str(fraction)][test]
-                lines.append(f"{arm:<11} {fraction:>5}%  {test:<10} " + "  ".join(f"{metric_text(m[k]):<22}" for k in METRICS))
+    rows = [(arm, f"{fraction}%", results[arm][str(fraction)]["runs"]) for arm in ARMS for fraction in FRACTIONS]
+    rows.append(("signal", "100%", results["signal_baseline"]["runs"]))
+    for arm, labels, runs in rows:
+        for test in TEST_SETS:
+            cells = []
+            for m in METRICS:
+                mean, sd = seed_stats(runs, test, m)
+                cells.append("n/a" if mean is None else f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
+            lines.append(f"{arm:<11} {labels:>6} {len(runs):>5}  {test:<10} " + "  ".join(f"{c:<22}" for c in cells))
+            for k, run in enumerate(runs):
+                lines.append(f"{'':<11} {'':>6} {'#' + str(k):>5}  {'':<10} " + "  ".join(f"{metric_text(run[test][m]):<22}" for m in METRICS))
     return "\n".join(lines)
 
 
 def plot_results(results: dict[str, Any], test: str, path: Path) -> None:
-    """One panel per metric: pretrained vs scratch bars at each label fraction, 95% CIs as error bars."""
+    """One panel per metric: pretrained vs scratch bars (mean over seeds) at each label fraction; error bars
+    are the 95% bootstrap CI for a single seed, ± sd over seeds otherwise; the signal model as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,34 +218,44 @@ def plot_results(results: dict[str, Any], test: str, path: Path) -> None:
     x = np.arange(len(FRACTIONS))
     for ax, metric in zip(axes, METRICS):
         for k, (arm, colour) in enumerate((("pretrained", "tab:blue"), ("scratch", "tab:grey"))):
-            entries = [results[arm][str(f)][test][metric] for f in FRACTIONS]
-            values = np.array([e["value"] if e["value"] is not None else np.nan for e in entries])
-            lo = np.array([e["ci95"][0] if e["ci95"][0] is not None else v for e, v in zip(entries, values)])
-            hi = np.array([e["ci95"][1] if e["ci95"][1] is not None else v for e, v in zip(entries, values)])
-            ax.bar(x + (k - 0.5) * 0.38, values, 0.38, yerr=[values - lo, hi - values], capsize=4, color=colour, label=arm)
+            values, lo, hi = [], [], []
+            for fraction in FRACTIONS:
+                runs = results[arm][str(fraction)]["runs"]
+                mean, sd = seed_stats(runs, test, metric)
+                mean = np.nan if mean is None else mean
+                ci = runs[0][test][metric]["ci95"]
+                low, high = (mean - sd, mean + sd) if sd is not None else (ci[0] if ci[0] is not None else mean, ci[1] if ci[1] is not None else mean)
+                values.append(mean), lo.append(low), hi.append(high)
+            values_a = np.array(values)
+            ax.bar(x + (k - 0.5) * 0.38, values_a, 0.38, yerr=[values_a - np.array(lo), np.array(hi) - values_a],
+                   capsize=4, color=colour, label=arm)
+        signal, _ = seed_stats(results["signal_baseline"]["runs"], test, metric)
+        if signal is not None:
+            ax.axhline(signal, color="tab:red", ls="--", lw=1, label="1-D CNN on signals")
         ax.set_xticks(x, [f"{f}% labels" for f in FRACTIONS])
         ax.set_ylim(0, 1)
         ax.set_title(metric.replace("_", " "))
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"PTB-XL superclasses, {test} (95% bootstrap CIs)", fontsize=10)
+    fig.suptitle(f"PTB-XL superclasses, {test} (95% CI for one seed, ± sd over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_benchmark(profile: Profile, data_root: Path, work: Path, workers: int, seed: int = 0) -> dict[str, Any]:
+def run_benchmark(profile: Profile, data_root: Path, work: Path, workers: int, seeds: int = 3) -> dict[str, Any]:
     """Every stage of the protocol in the module docstring; returns the full results (also in `work/results.json`)."""
     for rel in (LABELLED, POOL_NPZ, POOL_WFDB):
         if not (data_root / rel).exists():
             raise FileNotFoundError(f"{data_root / rel}: missing (pass --data-root, the folder holding {LABELLED}/ etc.)")
     started = time.perf_counter()
-    step = Steps(6)
+    seed = 0  # pretraining, rendering and the 100 % arms; the 25 % arms run seeds 0 … seeds-1
+    step = Steps(7)
     render_cfg = RenderConfig(dpi=profile.dpi)
     labelled_dir, shards, pre_dir = work / "render" / LABELLED, work / "shards" / "pool", work / "pretrain"
     with step(f"render: {LABELLED} as clean printouts at {profile.dpi} dpi (the labelled hospital)"):
         render_printouts(data_root / LABELLED, labelled_dir, render_cfg, workers=workers)
-        files = label_files(labelled_dir, seed)
+        files = label_files(labelled_dir, seeds)
     with step("render: the unlabelled pool with varied layouts (PTB-XL minus ptbxl-500 ids, + Georgia)"):
         exclude = read_id_list(data_root / LABELLED / "ptbxl_database.csv")
         pool_dirs = [work / "render" / "pool-ptbxl", work / "render" / "pool-g12ec"]
@@ -225,29 +271,32 @@ def run_benchmark(profile: Profile, data_root: Path, work: Path, workers: int, s
                                        [*profile.pretrain_overrides, f"data.shards={shards}", f"out={pre_dir}",
                                         f"steps={profile.pretrain_steps}", "epochs=null", f"seed={seed}"])
         pre = pretrain(pre_cfg)
-    with step("finetune: pretrained vs from scratch, 100% and 25% of the training labels"):
+    with step(f"finetune: pretrained vs from scratch, 100% (1 seed) and 25% ({seeds} seeds) of the training labels"):
         base = load_finetune_config(CONFIGS / "finetune" / profile.finetune_config,
-                                    [*profile.finetune_overrides, "split.mode=strat_fold", f"seed={seed}",
-                                     f"n_bootstrap={profile.n_bootstrap}"])
+                                    [*profile.finetune_overrides, "split.mode=strat_fold", f"n_bootstrap={profile.n_bootstrap}"])
         arms = {"pretrained": (base, pre_dir), "scratch": (scratch_config(base, pre_cfg), None)}
-        runs = {}
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for arm, (cfg, checkpoint) in arms.items():
             for fraction in FRACTIONS:
-                out = work / "finetune" / f"{arm}-{fraction}"
-                print(f"   {arm}, {fraction}% of the labels → {out}", flush=True)
-                runs[arm, fraction] = finetune(cfg, checkpoint, files[f"train-{fraction}"], out, progress=False)
+                for run_seed in range(seeds if fraction < 100 else 1):
+                    key = run_key(fraction, run_seed)
+                    out = work / "finetune" / f"{arm}-{key}"
+                    print(f"   {arm}, {key} → {out}", flush=True)
+                    summary = finetune(dataclasses.replace(cfg, seed=run_seed), checkpoint, files[key], out, progress=False)
+                    runs.setdefault((arm, fraction), []).append({"key": key, "finetune": summary})
     with step("evaluate: fold 10 (test) and folds 9+10, 95% bootstrap CIs"):
         results: dict[str, Any] = {arm: {} for arm in arms}
-        for (arm, fraction), summary in runs.items():
-            model = Path(summary["checkpoint"]).parent
-            results[arm][str(fraction)] = {
-                test: evaluate(model, files[test], work / "evaluate" / f"{arm}-{fraction}-{test}", "all",
-                               profile.n_bootstrap, progress=False)
-                for test in TEST_SETS
-            }
-            results[arm][str(fraction)]["finetune"] = summary
+        for (arm, fraction), seeded in runs.items():
+            for run in seeded:
+                model = Path(run["finetune"]["checkpoint"]).parent
+                for test in TEST_SETS:
+                    run[test] = evaluate(model, files[test], work / "evaluate" / f"{arm}-{run['key']}-{test}", "all",
+                                         profile.n_bootstrap, progress=False)
+            results[arm][str(fraction)] = {"runs": seeded}
+    with step(f"signal baseline: a 1-D CNN on the 100 Hz signals of the same records and folds, {seeds} seeds"):
+        results["signal_baseline"] = run_baseline(data_root / LABELLED, seeds, profile.n_bootstrap, profile.signal_epochs)
     full = {
-        "profile": dataclasses.asdict(profile), "seed": seed, "selection": f"fold {SELECTION_FOLD} (validation)",
+        "profile": dataclasses.asdict(profile), "seeds": seeds, "selection": f"fold {SELECTION_FOLD} (validation)",
         "test": "fold10", "pretraining": {k: pre[k] for k in ("step", "checkpoint", "global_batch")},
         "pretraining_loss": [pre["losses"][0], pre["losses"][-1]] if pre["losses"] else None,
         "results": results, "seconds": round(time.perf_counter() - started, 1),
@@ -257,29 +306,34 @@ def run_benchmark(profile: Profile, data_root: Path, work: Path, workers: int, s
     return full
 
 
-def headline(results: dict[str, Any], test: str = "fold10") -> dict[str, Any]:
-    """`{"pretrained": {"100": {"accuracy", "macro_f1", "macro_auroc"}, "25": ...}, "scratch": ...}` on `test`."""
-    return {arm: {fraction: {m: by_test[test][m]["value"] for m in METRICS} for fraction, by_test in fractions.items()}
-            for arm, fractions in results.items()}
+def headline(results: dict[str, Any], seeds: int) -> dict[str, Any]:
+    """`{"pretrained"|"scratch": {"100"|"25": {"fold10"|"folds9-10": {metric: mean over seeds}}},
+    "signal_baseline": {"fold10"|"folds9-10": {...}}, "seeds": n}`."""
+    def means(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {test: {m: seed_stats(runs, test, m)[0] for m in METRICS} for test in TEST_SETS}
+
+    out: dict[str, Any] = {arm: {str(f): means(results[arm][str(f)]["runs"]) for f in FRACTIONS} for arm in ARMS}
+    return {**out, "signal_baseline": means(results["signal_baseline"]["runs"]), "seeds": seeds}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
-                        help="smoke: minutes, checks the script; cpu: ~45 min on 2 cores; full: GPU (default cpu)")
+                        help="smoke: minutes, checks the script; cpu: ~90 min on 2 cores; full: GPU (default cpu)")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
                         help="folder holding ptbxl-500/, ptbxl-1819-preprocessed/, g12ec-50/ (default ../shared/data)")
     parser.add_argument("--work", type=Path,
                         help="cache of images, shards, checkpoints (default runs/bench-ptbxl-PROFILE-seedSEED)")
     parser.add_argument("--workers", type=int, default=usable_cpus(),
                         help="processes for rendering and sharding")
-    parser.add_argument("--seed", type=int, default=0, help="seeds pretraining, fine-tuning and the 25%% subset")
-    parser.add_argument("--json", type=Path, help="write the headline numbers (fold 10) here")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds of the 25%% arms (subset and fine-tuning) and of the signal model; 100%% runs once")
+    parser.add_argument("--json", type=Path, help="write the headline numbers (means over seeds) here")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
-    work = args.work or REPO / "runs" / f"bench-ptbxl-{args.profile}-seed{args.seed}"
+    work = args.work or REPO / "runs" / f"bench-ptbxl-{args.profile}"
     try:
-        full = run_benchmark(profile, args.data_root, work, args.workers, args.seed)
+        full = run_benchmark(profile, args.data_root, work, args.workers, args.seeds)
     except (FileNotFoundError, ValueError) as e:
         print(f"benchmarks/ptbxl.py: error: {e}", file=sys.stderr)
         return 2
@@ -288,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     print(results_table(full["results"]))
     print(f"\nfull results {work / 'results.json'}; plot {work / 'ptbxl-benchmark.png'}; {full['seconds'] / 60:.1f} min")
     if args.json:
-        write_json(args.json, headline(full["results"]))
+        write_json(args.json, headline(full["results"], args.seeds))
         print(f"headline numbers → {args.json}")
     return 0
 
