@@ -32,7 +32,7 @@ How this differs from the SimCardioNet paper (~92% accuracy and F1 on all 21,837
   scanned, and the pool's signals are band-passed and z-scored, so their amplitudes are typical, not
   the patient's.
 - Model and budget: the `cpu` profile uses the 0.48 M-parameter `cpu-small` network at 512 × 352 px
-  (1.8 px/mm of ECG grid) and 800 pretraining steps at batch 32; `full` uses the `default` network
+  (1.8 px/mm of ECG grid) and 400 pretraining steps at batch 32 (~7 epochs of the pool); `full` uses the `default` network
   (~4 M parameters, 768 × 544 px) and a GPU, closer to the paper's setting but still a small pool.
 - Accuracy here is multi-label exact match over five classes, a stricter measure than per-label accuracy.
 So the absolute numbers are far below the paper's; the comparison that matters is pretrained vs
@@ -116,7 +116,7 @@ PROFILES = {
     "smoke": Profile(dpi=75, max_side=512, pool_limit=64, pretrain_config="tiny.yaml", pretrain_steps=8,
                      finetune_config="tiny.yaml", n_bootstrap=100, signal_epochs=2,
                      finetune_overrides=("stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.001, groups: all}]",)),
-    "cpu": Profile(dpi=100, max_side=640, pool_limit=None, pretrain_config="cpu-small.yaml", pretrain_steps=800,
+    "cpu": Profile(dpi=100, max_side=640, pool_limit=None, pretrain_config="cpu-small.yaml", pretrain_steps=400,
                    finetune_config="cpu-small.yaml"),
     "full": Profile(dpi=200, max_side=1024, pool_limit=None, pretrain_config="default.yaml", pretrain_steps=3000,
                     finetune_config="default.yaml"),

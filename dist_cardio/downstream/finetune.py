@@ -29,7 +29,7 @@ from dist_cardio.config import dump_yaml, load_config, to_dict
 from dist_cardio.data import AugmentConfig, build_torchvision_transform
 from dist_cardio.downstream.finetune_loop import train_stages
 from dist_cardio.downstream.finetune_model import (
-    ImageSet, balanced_sampler, device_for, load_encoder, make_loss, predict_batches, targets_for,
+    ImageSet, balanced_sampler, chance_loss, device_for, load_encoder, make_loss, predict_batches, targets_for,
 )
 from dist_cardio.downstream.hospital_data import HospitalData, LoadedImages, describe, load_images, read_hospital
 from dist_cardio.downstream.metrics import evaluate_predictions, plot_confusion_matrix
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "dist_cardio.finetuned/1"
 BEST = "best.pt"
+UNFIT = 0.9
+"""A run whose lowest training loss stays above this share of the chance level gets a warning."""
 FINETUNE_AUGMENT = AugmentConfig(crop_scale=(0.7, 1.0), crop_ratio=(1.35, 1.55), rotation=3.0, jitter_p=0.5, grayscale_p=0.1)
 """Labelled data is scarce, but the classifier must see most of the page: milder than SimCLR's views."""
 
@@ -136,8 +138,9 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[s
     return load_config(FinetuneConfig, path, overrides)
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Training/validation loss and validation macro-F1 per epoch, unfreezing stages shaded."""
+def plot_curves(history: list[dict[str, Any]], path: Path, chance: float | None = None) -> None:
+    """Training/validation loss and validation macro-F1 per epoch, unfreezing stages shaded, the training
+    loss of a constant guess dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,6 +150,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train (the optimised, weighted loss)")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation (unweighted)")
+    if chance is not None:
+        ax_loss.axhline(chance, color="tab:blue", ls="--", lw=1, label="train loss of a constant guess")
     ax_f1.plot(epochs, [h["val_macro_f1"] for h in history], color="tab:green", label="val macro-F1")
     for ax in (ax_loss, ax_f1):
         for stage in sorted({h["stage"] for h in history}):
@@ -190,6 +195,9 @@ def run_finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, data: str |
     train_loader, val_loader = _loaders(cfg, train_set, parts.subset("val", train=False), multilabel, device)
     loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, cfg.imbalance).to(device)
     eval_loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, "none").to(device)
+    chance = chance_loss(loss_fn.cpu(), train_set.targets, len(hospital.classes), multilabel)
+    loss_fn.to(device)
+    log.info("training loss of a constant guess (the class frequencies): %.4f; a network that fits ends well below it", chance)
 
     classifier = Classifier(encoder, len(hospital.classes), cfg.dropout).to(device)
     meta = {
@@ -205,8 +213,13 @@ def run_finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, data: str |
     report_on = "test" if parts.indices["test"] else "val"
     metrics = _evaluate(cfg, classifier, parts, report_on, hospital.classes, multilabel, device, progress)
     plot_confusion_matrix(metrics, str(out / "confusion_matrix.png"))
-    plot_curves(history, out / "curves.png")
+    plot_curves(history, out / "curves.png", chance)
     summary = _summary(report_on, metrics, best, split, loaded, hospital, multilabel, source, out, start)
+    summary["train_loss"] = {"chance": chance, "lowest": min(h["train_loss"] for h in history)}
+    if summary["train_loss"]["lowest"] > UNFIT * chance:
+        log.warning("the training loss never fell below %.0f %% of chance (%.4f vs %.4f): the network did not fit its "
+                    "training set; check the labels and the input geometry, or train longer", 100 * UNFIT,
+                    summary["train_loss"]["lowest"], chance)
     atomic_write_json(out / "metrics.json", {"summary": summary, report_on: metrics, "history": history,
                                              "split_mode": split.mode, "moved_to_keep_groups_together": split.moved},
                       newline=False, indent=1, allow_nan=False)

@@ -124,6 +124,24 @@ def make_loss(targets: torch.Tensor, n_classes: int, multilabel: bool, imbalance
     return nn.CrossEntropyLoss(weight=weight)
 
 
+def chance_loss(loss_fn: nn.Module, targets: torch.Tensor, n_classes: int, multilabel: bool) -> float:
+    """`loss_fn` of the best constant prediction (the class frequencies, as the loss weights them).
+
+    A training loss that does not fall well below it means the network learnt nothing from the images;
+    with class weights it is ~2(1 - p)·ln 2 per label, not the familiar ln 2 or ln K, hence a number.
+    """
+    with torch.no_grad():
+        if multilabel:
+            p = targets.float().mean(dim=0).clamp(1e-6, 1 - 1e-6)
+            w = loss_fn.pos_weight if loss_fn.pos_weight is not None else torch.ones_like(p)
+            q = w * p / (w * p + 1 - p)
+            logits = torch.log(q) - torch.log1p(-q)
+        else:
+            w = loss_fn.weight if loss_fn.weight is not None else torch.ones(n_classes)
+            logits = torch.log((w * torch.bincount(targets, minlength=n_classes).float()).clamp(min=1e-12))
+        return float(loss_fn(logits.expand(len(targets), -1), targets))
+
+
 def balanced_sampler(targets: torch.Tensor, multilabel: bool, seed: int) -> WeightedRandomSampler:
     """Draw images so every class is about equally frequent (multi-label: by an image's rarest class)."""
     onehot = targets if multilabel else F.one_hot(targets, int(targets.max()) + 1).float()
@@ -163,6 +181,6 @@ def autocast(device: torch.device) -> Any:
 
 
 __all__ = [
-    "load_encoder", "set_trainable", "build_optimizer", "ImageSet", "targets_for", "make_loss", "balanced_sampler",
-    "device_for", "predict_batches", "autocast",
+    "load_encoder", "set_trainable", "build_optimizer", "ImageSet", "targets_for", "make_loss", "chance_loss",
+    "balanced_sampler", "device_for", "predict_batches", "autocast",
 ]
