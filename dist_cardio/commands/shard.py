@@ -41,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = dataclasses.replace(load_config(ShardConfig, args.config, args.set), **flags)
         s = shard_inputs(args.inputs, args.out, cfg)
-    except ValueError as e:  # bad flag values, labels CSV, a shard folder in use or with another prefix
+    except ValueError as e:  # bad flag values, labels CSV, a folder in use, nested in an input, a full disk
         print(f"dist-cardio shard: error: {e}", file=sys.stderr)
         return 2
+    for line in s["warnings"]:
+        print(f"dist-cardio shard: warning: {line}", file=sys.stderr)
     print(format_summary(s))
     return 0
 

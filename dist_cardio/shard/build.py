@@ -26,11 +26,12 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from dist_cardio.shard.safe_open import RefusedFile, read_regular
 from dist_cardio.shard.imagecheck import BadImage, ImageInfo, inspect_image, open_image
 from dist_cardio.shard.labels import label_source
-from dist_cardio.shard.manifest import ShardSet, ShardSetError
-from dist_cardio.shard.sources import ArchiveLimits, Candidate, Skipped, human_size, iter_inputs
-from dist_cardio.shard.writer import ShardWriter
+from dist_cardio.shard.manifest import ShardSet, ShardSetError, refuse_nesting
+from dist_cardio.shard.sources import ArchiveLimits, Candidate, Skipped, walk_input
+from dist_cardio.shard.writer import ShardWriter, write_failure
 
 MB = 1_000_000
 EXIF_ORIENTATION = 0x0112
@@ -59,7 +60,7 @@ class ShardConfig:
     max_total_gb: float = 1024.0
     """Most decompressed bytes read from one input (all its nested archives together)."""
     max_ratio: float = 100.0
-    """Zip members expanding more than this (and beyond 1 MB) are refused as likely zip bombs."""
+    """Zip members, and compressed tar streams as read, expanding more than this (beyond 1 MB) are refused as bombs."""
     max_depth: int = 3
     """Deepest archive nesting read (an archive in a folder is depth 1)."""
     progress: bool = True
@@ -99,6 +100,7 @@ class ShardConfig:
 @dataclass(frozen=True)
 class _Task:
     file: str | None
+    root: str | None
     data: bytes | None
     max_bytes: int
     max_side: int | None
@@ -137,22 +139,14 @@ def _init_worker(known: frozenset[str]) -> None:
     _known_keys = known
 
 
-def _read_file(path: str, max_bytes: int) -> bytes:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise BadImage(f"file too large: {human_size(size)} > {human_size(max_bytes)} limit")
-        return f.read()
-
-
 def prepare(task: _Task) -> Prepared | Known | Rejected:
     """Read, hash, validate and (if needed) re-encode one image."""
     try:
-        data = task.data if task.data is not None else _read_file(task.file, task.max_bytes)
+        data = task.data if task.data is not None else read_regular(task.file, task.max_bytes, task.root)
+    except RefusedFile as e:  # a FIFO, device or symlink out of the input folder: named in skipped.jsonl
+        return Rejected(str(e))
     except OSError as e:
         return Rejected(f"unreadable: {e.strerror or type(e).__name__}")
-    except BadImage as e:
-        return Rejected(str(e))
     digest = hashlib.sha256(data).hexdigest()
     key = digest[:32]
     if key in _known_keys:
@@ -196,27 +190,36 @@ def _encode(data: bytes, info: ImageInfo, max_side: int | None, quality: int) ->
     return "png", buf.getvalue(), image.size
 
 
+Numbered = tuple[int, Candidate | Skipped]  # (input position, item): console lines name inputs by position
+
+
+def _numbered(inputs: list[Path], limits: ArchiveLimits) -> Iterator[Numbered]:
+    for position, root in enumerate(inputs, 1):
+        for item in walk_input(root, limits):
+            yield position, item
+
+
 def _ordered_results(
-    items: Iterable[Candidate | Skipped], cfg: ShardConfig, known: frozenset[str]
-) -> Iterator[tuple[Candidate | Skipped, Prepared | Known | Rejected | None]]:
+    items: Iterable[Numbered], cfg: ShardConfig, known: frozenset[str]
+) -> Iterator[tuple[Numbered, Prepared | Known | Rejected | None]]:
     """(item, result) in input order; at most a few tasks per worker in flight, so memory stays bounded."""
 
     max_member = cfg.limits.max_member_bytes
 
     def task(c: Candidate) -> _Task:
-        return _Task(c.file, c.data, max_member, cfg.max_side, cfg.jpeg_quality)
+        return _Task(c.file, c.root, c.data, max_member, cfg.max_side, cfg.jpeg_quality)
 
     if cfg.n_workers == 1:
         _init_worker(known)
         for item in items:
-            yield item, prepare(task(item)) if isinstance(item, Candidate) else None
+            yield item, prepare(task(item[1])) if isinstance(item[1], Candidate) else None
         return
-    window: deque[tuple[Candidate | Skipped, Future | None]] = deque()
+    window: deque[tuple[Numbered, Future | None]] = deque()
     ctx = get_context("spawn")  # no fork of a process holding tqdm's thread
     with ProcessPoolExecutor(cfg.n_workers, mp_context=ctx, initializer=_init_worker, initargs=(known,)) as pool:
         try:
             for item in items:
-                fut = pool.submit(prepare, task(item)) if isinstance(item, Candidate) else None
+                fut = pool.submit(prepare, task(item[1])) if isinstance(item[1], Candidate) else None
                 window.append((item, fut))
                 while len(window) > 4 * cfg.n_workers:
                     it, f = window.popleft()
@@ -238,26 +241,36 @@ def shard_inputs(inputs: list[Path], out: Path, cfg: ShardConfig) -> dict:
     """Add the images under ``inputs`` to the shard set in ``out``; returns a summary of this run.
 
     Existing shards are never rewritten: new samples go into new shards, content already present is
-    skipped by hash, bad files are listed in ``skipped.jsonl`` with the reason.
+    skipped by hash, bad files are listed in ``skipped.jsonl`` with the reason. A failed write (full
+    disk, read-only folder) is a ShardSetError naming the file and the fix; it leaves no temporary file
+    and the set as it was after its last complete shard.
     """
     inputs = [Path(p) for p in inputs]
     for p in inputs:
         if not p.exists() and not p.is_symlink():
             raise FileNotFoundError(f"{p}: input not found (pass existing folders, images or .zip/.tar archives)")
-    labels = label_source(cfg.labels) if cfg.labels else None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out must be a folder (new or a shard set), not a file")
+    refuse_nesting(inputs, out)
+    labels = label_source(cfg.labels) if cfg.labels else None
+    try:
+        return _run(inputs, out, cfg, labels)
+    except OSError as e:  # only writes raise here: every input that cannot be read is a skip
+        raise ShardSetError(write_failure(e, out)) from None
+
+
+def _run(inputs: list[Path], out: Path, cfg: ShardConfig, labels: Any) -> dict:
     started = time.perf_counter()
     state = ShardSet.open(out, cfg.prefix)
     packer = _Packer(state, out, cfg, labels)
     bar = tqdm(unit="file", desc=f"shard → {out.name}", disable=not cfg.progress, dynamic_ncols=True)
     try:
         _begin_run(state, out, inputs, cfg)
-        results = _ordered_results(iter_inputs(inputs, cfg.limits, exclude=out), cfg, frozenset(state.seen))
-        for item, result in results:
+        results = _ordered_results(_numbered(inputs, cfg.limits), cfg, frozenset(state.seen))
+        for (position, item), result in results:
             bar.update(1)
-            if packer.take(item, result) and packer.counts["added"] % 64 == 0:
+            if packer.take(position, item, result) and packer.counts["added"] % 64 == 0:
                 c = packer.counts
                 bar.set_postfix(added=c["added"], dup=c["duplicates"], skip=c["skipped"], refresh=False)
         packer.flush()
@@ -276,6 +289,7 @@ def shard_inputs(inputs: list[Path], out: Path, cfg: ShardConfig) -> dict:
         "already_present": packer.counts["already_present"],
         "skipped": packer.counts["skipped"],
         "skipped_kinds": dict(packer.skipped_kinds),
+        "warnings": packer.warnings(),
         "unlabeled": labels.unlabeled if labels is not None else None,
         "shards": run["shards"],
         "recovered": run["recovered"],
@@ -285,7 +299,7 @@ def shard_inputs(inputs: list[Path], out: Path, cfg: ShardConfig) -> dict:
 
 
 def _begin_run(state: ShardSet, out: Path, inputs: list[Path], cfg: ShardConfig) -> None:
-    """Refuse a second resolution in one set, then record this run in the manifest."""
+    """Refuse a second resolution in one set, then record this run (its paths only in the set's ``.local/``)."""
     earlier = {r["max_side"] for r in state.manifest["runs"]}
     if earlier and earlier != {cfg.max_side}:
         raise ShardSetError(f"{out}: built with max_side {earlier.pop()}; pass the same --max-side or another --out "
@@ -293,10 +307,11 @@ def _begin_run(state: ShardSet, out: Path, inputs: list[Path], cfg: ShardConfig)
     state.begin_run(
         {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "inputs": [os.path.abspath(p) for p in inputs],
-            "labels": cfg.labels,
+            "inputs": len(inputs),
+            "labels": cfg.labels if cfg.labels in (None, "folders") else "csv",
             "max_side": cfg.max_side,
-        }
+        },
+        {"inputs": [os.path.abspath(p) for p in inputs], "labels": cfg.labels},
     )
 
 
@@ -307,17 +322,20 @@ class _Packer:
         self.state, self.out, self.cfg, self.labels = state, out, cfg, labels
         self.counts: Counter[str] = Counter()
         self.skipped_kinds: Counter[str] = Counter()
+        self.empty_archives: Counter[int] = Counter()  # by input position
         self.writer: ShardWriter | None = None
         self.max_bytes = int(cfg.max_size_mb * MB)
 
-    def take(self, item: Any, result: Any) -> bool:
-        """Handle one result; True when it became a new sample."""
+    def take(self, position: int, item: Any, result: Any) -> bool:
+        """Handle one result of input number ``position``; True when it became a new sample."""
         reason = item.reason if isinstance(item, Skipped) else None
         if isinstance(result, Rejected):
             reason = result.reason
         if reason is not None:
             self.counts["skipped"] += 1
             self.skipped_kinds[_reason_kind(reason)] += 1
+            if reason.startswith("empty archive"):
+                self.empty_archives[position] += 1
             self.state.note_skipped(item.source, reason)
             return False
         first = self.state.seen.get(result.key)
@@ -333,8 +351,14 @@ class _Packer:
         self._add(item, result)
         return True
 
+    def warnings(self) -> list[str]:
+        """Lines for the console: inputs by position, file names only in skipped.jsonl."""
+        return [f"input {position}: {n} empty archive(s), names in skipped.jsonl"
+                for position, n in sorted(self.empty_archives.items())]
+
     def _add(self, item: Any, result: Any) -> None:
         label, meta = self.labels.lookup(item) if self.labels is not None else (None, {})
+        meta = self.state.pseudonymise(meta)
         doc = {
             "key": result.key,
             "sha256": result.sha256,

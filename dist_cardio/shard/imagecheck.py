@@ -2,9 +2,12 @@
 
 DALI's decoder kills the whole pipeline on one bad image and names no file, and PIL alone misses some
 damage (a PNG with a broken CRC loads; a truncated JPEG passes ``verify()``). So every image is checked
-here in the order of cost: µs-cheap structure checks (JPEG SOI/SOS/EOI markers, PNG signature, chunk
-CRCs, IEND), then a PIL decode (JPEG at 1/8 scale through ``draft``, which still entropy-decodes the
-whole stream and so catches mid-stream damage in progressive JPEGs).
+here in the order of cost: µs-cheap structure checks (JPEG SOI/SOS/EOI markers, a header that claims
+more pixels than the data can hold, PNG signature, chunk CRCs, IEND), then a decode. JPEGs are decoded
+by libjpeg-turbo (simplejpeg) at 1/8 scale, which still entropy-decodes the whole stream, with every
+libjpeg warning an error: Pillow silences those warnings and pads a stream cut short or damaged
+mid-scan with grey, while DALI prints them ("Corrupt JPEG data: premature end of data segment") and
+trains on the grey. Other formats are decoded by Pillow.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP")
 # Above this many pixels an image is refused: a 600-dpi A4 scan has ~35 M; a tiny PNG claiming
 # 100k × 100k pixels is a decompression bomb.
 MAX_PIXELS = 150_000_000
+# Huffman-coded frames (baseline, extended, progressive, lossless): every 8x8 block costs at least one bit.
+_HUFFMAN_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
+_JPEG_OUTPUT = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}  # libjpeg colour space → simplejpeg output
 
 
 class BadImage(ValueError):
@@ -59,6 +65,7 @@ def check_structure(data: bytes) -> None:
 def _check_jpeg(data: bytes) -> None:
     n = len(data)
     i = 2
+    frame: tuple[int, int] | None = None  # (width, height) from a Huffman frame header
     while True:
         i = data.find(b"\xff", i)  # libjpeg also skips stray bytes between segments
         if i < 0 or i + 4 > n:
@@ -78,11 +85,19 @@ def _check_jpeg(data: bytes) -> None:
         if marker == 0xDA:  # start of scan: entropy-coded data follows
             scan_start = i + 2 + length
             break
+        if marker in _HUFFMAN_SOF and i + 9 <= n:
+            frame = int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
         i += 2 + length
     # In entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so FFD9 after the first
     # scan can only be the real end-of-image marker; trailing bytes after it are tolerated.
     if scan_start >= n or data.rfind(b"\xff\xd9") < scan_start:
         raise BadImage("truncated JPEG: no end-of-image marker")
+    if frame is not None:
+        w, h = frame
+        least = -(-w // 8) * -(-h // 8) // 8  # bytes of entropy data at one bit per luminance block
+        if least > n - scan_start:
+            raise BadImage(f"corrupt JPEG: header claims {w}x{h} pixels, more than its "
+                           f"{n - scan_start} bytes of image data can hold")
 
 
 def _check_png(data: bytes) -> None:
@@ -129,21 +144,35 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def inspect_image(data: bytes, decode: bool = True) -> ImageInfo:
-    """Validate ``data`` (structure, then a Pillow decode when ``decode``) and describe it; raises BadImage."""
+    """Validate ``data`` (structure, then a decode when ``decode``: strict libjpeg-turbo for JPEG, Pillow
+    for the rest) and describe it; raises BadImage."""
     check_structure(data)
     image = open_image(data)
     info = ImageInfo(image.format, image.size)
-    if decode:
+    if decode and info.family == "jpg":
+        _decode_jpeg(data)
+    elif decode:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if info.family == "jpg":
-                    w, h = image.size
-                    image.draft(None, (max(1, w // 8), max(1, h // 8)))
                 image.load()
         except Exception as e:
             raise BadImage(f"undecodable {info.format}: {_pil_message(e)}") from None
     return info
+
+
+def _decode_jpeg(data: bytes) -> None:
+    """Entropy-decode all of ``data`` at 1/8 scale; BadImage on any libjpeg error or warning."""
+    # Imported here: check_structure and open_image also serve the torch-free `predict --model` path,
+    # which decodes with Pillow and whose deployment extras do not carry simplejpeg.
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace=_JPEG_OUTPUT.get(colorspace, "RGB"), min_height=1, min_width=1,
+                               min_factor=8, fastdct=True, fastupsample=True, strict=True)
+    except ValueError as e:
+        raise BadImage(f"undecodable JPEG: {e}") from None
 
 
 def check_image_bytes(data: bytes, name: str, decode: bool = True) -> str | None:

@@ -82,7 +82,8 @@ class CsvLabels:
         self.unlabeled = 0
 
     def lookup(self, item: Candidate) -> tuple[Label, dict[str, str]]:
-        row = next((self._by_path[k] for k in (_norm(item.source.path), _norm(item.rel)) if k in self._by_path), None)
+        where = item.file or item.source.path  # a plain file's absolute path, or the member name
+        row = next((self._by_path[k] for k in (_norm(where), _norm(item.rel)) if k in self._by_path), None)
         if row is None:
             row = self._by_name.get(PurePosixPath(_norm(item.rel)).name)
         if row is None:

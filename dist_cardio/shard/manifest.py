@@ -5,14 +5,21 @@ Order of writes per completed shard: tar renamed into place → its ``.idx`` →
 two steps leaves a state that :meth:`ShardSet.open` repairs without rewriting a complete shard: stale
 temporary files are removed, a torn last jsonl line is cut, and a complete shard the manifest does not
 list yet is adopted from its own json components.
+
+Patient identifiers never travel with the shards: CSV columns that name a patient or record are
+replaced by a keyed pseudonym (HMAC-SHA256 under a secret kept in the set's ``.local/`` folder, which
+also holds the runs' absolute input paths and is never packed), so one patient keeps one id for splits.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from dist_cardio.shard.writer import (
     atomic_write_bytes,
     index_name,
     index_text,
+    naming,
     read_shard,
     sha256_file,
     shard_name,
@@ -33,11 +41,31 @@ SAMPLES = "samples.jsonl"
 DUPLICATES = "duplicates.jsonl"
 SKIPPED = "skipped.jsonl"
 LOCK = ".shard.lock"
+LOCAL = ".local"  # site-only: the pseudonym secret and the runs' input paths; copy a set without it
+SECRET = "secret"
+LOCAL_RUNS = "runs.jsonl"
+PSEUDONYMISED = ("patient", "patient_id", "ecg_id")  # label CSV columns that identify a person or record
 VERSION = 1
 
 
 class ShardSetError(ValueError):
     """A shard directory that cannot be used as asked; the message names the directory and the fix."""
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def refuse_nesting(inputs: list[Path], out: Path) -> None:
+    """ShardSetError when ``out`` lies inside an input or an input inside ``out`` (shards read back as input)."""
+    target = os.path.realpath(out)
+    for p in inputs:
+        real = os.path.realpath(p)
+        if _within(target, real):
+            raise ShardSetError(f"{out}: --out is inside the input {p}, whose shards would be read back as "
+                                "images; pass an --out outside every input")
+        if _within(real, target):
+            raise ShardSetError(f"{p}: input inside the shard set {out}; pass inputs from outside --out")
 
 
 def shard_pattern(prefix: str) -> re.Pattern[str]:
@@ -77,13 +105,20 @@ def _source_key(source: dict) -> tuple[str | None, str]:
     return source.get("archive"), source["path"]
 
 
-def _append_jsonl(path: Path, records: list[dict]) -> None:
+def _append_jsonl(path: Path, records: list[dict], mode: int = 0o644) -> None:
+    """Append whole lines or nothing: a failed write (full disk) is cut back off before it is raised."""
     if not records:
         return
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
+    data = memoryview("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+    with naming(path), open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode), "wb", buffering=0) as f:
+        start = f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[f.write(data):]
+            os.fsync(f.fileno())
+        except BaseException:
+            f.truncate(start)
+            raise
 
 
 def _cut_torn_line(path: Path) -> None:
@@ -120,6 +155,7 @@ class ShardSet:
         self._pending_skips: list[dict] = []
         self.recovered: list[str] = []
         self._run: dict | None = None
+        self._secret = b""
 
     # --- opening and recovery -------------------------------------------------------------------------
     @classmethod
@@ -152,9 +188,12 @@ class ShardSet:
                     p.unlink()
         for name in (SAMPLES, DUPLICATES, SKIPPED):
             _cut_torn_line(self.out / name)
+        pseudonyms = False
         for r in read_jsonl(self.out / SAMPLES):
             self.seen.setdefault(r["key"], r["source"])
             self._note_label(r["label"])
+            pseudonyms = pseudonyms or any(r["meta"].get(k) for k in PSEUDONYMISED)
+        self._secret = self._load_secret(pseudonyms)
         self._dup_ids = {(r["key"], *_source_key(r["duplicate"])) for r in read_jsonl(self.out / DUPLICATES)}
         self._skip_ids = {(*_source_key(r["source"]), r["reason"]) for r in read_jsonl(self.out / SKIPPED)}
 
@@ -196,13 +235,43 @@ class ShardSet:
         )
         self.recovered.append(path.name)
 
+    def _load_secret(self, in_use: bool) -> bytes:
+        """The set's pseudonym key, made on first use; its loss with pseudonyms in the set is an error."""
+        local = self.out / LOCAL
+        path = local / SECRET
+        if path.is_file():
+            return path.read_bytes()
+        if in_use:
+            raise ShardSetError(f"{path}: missing, but this set holds pseudonymised patient ids; restore it from "
+                                "the site's copy (new ids would split one patient's images) or shard into a new --out")
+        local.mkdir(mode=0o700, exist_ok=True)
+        key = secrets.token_hex(32).encode()
+        try:
+            with naming(path), open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(key)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return key
+
     # --- during a run -------------------------------------------------------------------------------
+    def pseudonymise(self, meta: dict[str, str]) -> dict[str, str]:
+        """``meta`` with patient/record ids replaced by their keyed pseudonyms (equal ids, equal pseudonyms)."""
+        def alias(key: str, value: str) -> str:
+            return hmac.new(self._secret, f"{key}\0{value}".encode(), hashlib.sha256).hexdigest()[:16]
+
+        return {k: alias(k, v.strip()) if k in PSEUDONYMISED and v.strip() else v for k, v in meta.items()}
+
     def next_shard_name(self) -> str:
         pattern = shard_pattern(self.prefix)
         used = [int(pattern.fullmatch(s["name"]).group(1)) for s in self.manifest["shards"]]
         return shard_name(self.prefix, max(used, default=-1) + 1)
 
-    def begin_run(self, info: dict) -> None:
+    def begin_run(self, info: dict, paths: dict) -> None:
+        """Record a run in the manifest, and the paths it read (they may name patients) in ``.local/``."""
+        _append_jsonl(self.out / LOCAL / LOCAL_RUNS, [{"started": info.get("started"), **paths}], 0o600)
         counters = {"added": 0, "duplicates": 0, "skipped": 0, "shards": [], "recovered": self.recovered}
         self._run = {**info, "finished": None, **counters}
         self.manifest["runs"].append(self._run)

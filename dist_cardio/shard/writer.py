@@ -4,14 +4,17 @@ A shard is written under a temporary name that the shard glob never matches (``.
 fsynced, then renamed; its index follows the same way. A run killed at any moment therefore leaves
 only complete shards. The tar is written by hand (512-byte ustar headers, fixed owner and mtime) so
 the data offsets for the index are known without re-reading, and the same input gives the same bytes.
+A write that fails (full disk) removes its temporary file and raises an OSError naming the target.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +63,47 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
 
 
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Let an OSError raised while writing ``path`` name it (a failed write() or fsync() names no file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+# What to do about a failed write into the shard set, by errno.
+_FIXES = {
+    errno.ENOSPC: "free space on that disk (or pass an --out on another one), then re-run",
+    errno.EDQUOT: "free space within your quota (or pass an --out elsewhere), then re-run",
+    errno.EROFS: "pass an --out on a writable disk",
+    errno.EACCES: "make --out writable for you, or pass another --out",
+}
+
+
+def write_failure(e: OSError, out: Path) -> str:
+    """One line for a failed write into the set ``out``: the file, the cause, the fix, and what was kept."""
+    fix = _FIXES.get(e.errno, "fix the cause, then re-run")
+    return (f"{e.filename or out}: {e.strerror or e}; {fix} (complete shards and manifest.json are kept, "
+            "no temporary file is left)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers see old or new, never half."""
     tmp = partial_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with naming(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -117,6 +152,10 @@ class ShardWriter:
         self.offset += len(data)
 
     def add(self, key: str, components: list[tuple[str, bytes]]) -> None:
+        with naming(self.path):
+            self._add(key, components)
+
+    def _add(self, key: str, components: list[tuple[str, bytes]]) -> None:
         entries = []
         for ext, data in components:
             info = tarfile.TarInfo(f"{key}.{ext}")
@@ -132,21 +171,26 @@ class ShardWriter:
 
     def finish(self) -> ShardRecord:
         """Close the tar, rename it into place, then write its index (also atomically)."""
-        self._write(b"\0" * (2 * TAR_BLOCK))
-        self._write(b"\0" * _padding(self.offset, TAR_RECORD))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        with naming(self.path):
+            self._write(b"\0" * (2 * TAR_BLOCK))
+            self._write(b"\0" * _padding(self.offset, TAR_RECORD))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
         index = index_name(self.path.name)
         atomic_write_bytes(self.path.parent / index, index_text(self.samples).encode())
         return ShardRecord(self.path.name, self.count, self.offset, self._hash.hexdigest(), index)
 
     def abort(self) -> None:
         """Drop the unfinished shard (on an error in the run; a kill leaves the temporary file to the next run)."""
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._file.close()
+        except OSError:  # the final flush fails again on a full disk; the file is closed and dropped anyway
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def read_shard(path: Path) -> Iterator[tuple[str, tuple[Component, ...], dict[str, bytes]]]:

@@ -227,9 +227,10 @@ def test_dali_reads_shards_with_our_index(dataset):
     assert set(seen) == {r["key"] for r in read_samples(out)}
 
 
-def test_rejected_images_are_those_dali_dies_on(shared_data, tmp_path):
-    """Each image is fed to a fresh CPU DALI decoder: it dies exactly on the ones check_image_bytes rejects
-    (random bytes in a progressive JPEG's scan: DALI error; without 0xFF: DALI decodes garbage, a warning)."""
+def test_rejected_images_are_those_dali_dies_or_warns_on(shared_data, tmp_path, capfd):
+    """Each image is fed to a fresh CPU DALI decoder: check_image_bytes rejects exactly those it dies on or
+    decodes only with a libjpeg warning (random bytes in a progressive JPEG's scan: DALI error; without
+    0xFF: DALI decodes garbage and prints "Corrupt JPEG data")."""
     from nvidia.dali import fn, pipeline_def
 
     raw = {p.name: p.read_bytes() for p in printout_files(shared_data)}
@@ -248,9 +249,10 @@ def test_rejected_images_are_those_dali_dies_on(shared_data, tmp_path):
 
         p = pipe()
         p.build()
+        capfd.readouterr()
         try:
             p.run()
-            dali_ok = True
+            dali_ok = "Corrupt JPEG data" not in capfd.readouterr().err
         except RuntimeError:
             dali_ok = False
         assert (check_image_bytes(data, name) is None) == dali_ok, name
@@ -298,12 +300,6 @@ def test_incremental_rerun_adds_nothing_and_new_archive_appends(shared_data, tmp
     for inputs in ([folder], [archive]):
         shard_inputs(inputs, again, run_cfg(max_count=2, workers=2))
     assert [s["sha256"] for s in read_manifest(again)["shards"]] == [s["sha256"] for s in read_manifest(out)["shards"]]
-
-    # An output folder inside the input folder is not read back as input.
-    inside = folder / "shards"
-    shard_inputs([folder], inside, run_cfg())
-    s5 = shard_inputs([folder], inside, run_cfg())
-    assert (s5["added"], s5["already_present"], s5["duplicates"], s5["skipped"]) == (0, 4, 0, 0)
 
 
 def test_killed_run_leaves_complete_shards_and_rerun_finishes(shared_data, tmp_path):
@@ -510,7 +506,8 @@ def test_csv_multilabel_meta_and_folder_labels(shared_data, tmp_path):
     assert rc == 0
     by_name = {Path(r["source"]["path"]).name: r for r in read_samples(out)}
     assert by_name[files[0].name]["label"] == "NORM"
-    assert by_name[files[0].name]["meta"] == {"strat_fold": "1", "ecg_id": "11"}
+    meta = by_name[files[0].name]["meta"]  # record ids travel as keyed pseudonyms (test_faults.py)
+    assert meta["strat_fold"] == "1" and len(meta["ecg_id"]) == 16 and meta["ecg_id"] != "11"
     assert by_name[files[1].name]["label"] == ["MI", "STTC"]
     assert by_name[files[2].name]["label"] is None and by_name[files[3].name]["label"] is None
     m = read_manifest(out)
