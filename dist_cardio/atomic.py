@@ -1,11 +1,13 @@
-"""Atomic file writes: a temporary name beside the target, then ``os.replace`` (readers see old or new).
+"""Safe writes into output folders: atomic files (a temporary name beside the target, then ``os.replace``:
+readers see old or new) and one writer per folder (``output_lock``).
 
-The one home of this chore for the package and the launchers: JSON/text/CSV outputs, torch files and
-``fsync_dir`` (used where a rename must survive a crash: checkpoints, shards).
+The one home of these chores for the package and the launchers: JSON/text/CSV outputs, torch files,
+``fsync_dir`` (used where a rename must survive a crash: checkpoints, shards) and the run lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -55,4 +57,32 @@ def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
 
 
-__all__ = ["fsync_dir", "temp_path", "atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save"]
+LOCK = ".run.lock"
+
+
+class OutputInUse(FileExistsError):
+    """Another live process holds the output folder's lock; the message names the folder and the fix."""
+
+
+@contextmanager
+def output_lock(out: Path, command: str) -> Iterator[None]:
+    """Hold ``out/.run.lock`` while a run writes into ``out``: a second run there is refused, not interleaved.
+
+    Two pretrainings into one folder would log every step twice and race on checkpoints. The kernel drops
+    an ``flock`` when its process dies, so a killed or requeued job never leaves a stale lock.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputInUse(f"{out}: another `dist-cardio {command}` is writing here; wait for it to finish or "
+                          "choose another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+__all__ = ["LOCK", "OutputInUse", "output_lock", "fsync_dir", "temp_path", "atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dist_cardio.atomic import atomic_write_json
+from dist_cardio.atomic import atomic_write_json, output_lock
 from dist_cardio.config import dump_yaml, load_config, to_dict
 from dist_cardio.data import AugmentConfig, build_torchvision_transform
 from dist_cardio.downstream.finetune_loop import train_stages
@@ -179,7 +179,12 @@ def run_finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, data: str |
     if (out / "metrics.json").is_file():
         raise FileExistsError(f"{out}: holds a finished fine-tuning run (metrics.json); choose another --out or delete it")
     hospital = read_hospital(data)  # FileNotFoundError naming the path comes first, before any model work
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "finetune"):
+        return _finetune(cfg, checkpoint, hospital, out, progress)
+
+
+def _finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, hospital: HospitalData, out: Path,
+              progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = device_for(cfg.device)

@@ -17,6 +17,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from dist_cardio import distributed
+from dist_cardio.atomic import output_lock
 from dist_cardio.config import dump_yaml, load_config, to_dict
 from dist_cardio.data import AugmentConfig, LoaderConfig, contrastive_loader
 from dist_cardio.model import ModelConfig, SimCardioNet
@@ -173,7 +175,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     owns_group = not distributed.is_initialized()
     info = distributed.init_distributed(require_group=cfg.engine.backend == "deepspeed")
     try:
-        return _train(cfg, info)
+        with output_lock(Path(cfg.out), "pretrain") if info.is_main else nullcontext():
+            return _train(cfg, info)
     finally:
         if owns_group:
             distributed.cleanup()
