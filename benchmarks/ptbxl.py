@@ -174,6 +174,12 @@ def label_files(render_dir: Path, seeds: int) -> dict[str, Path]:
     return files
 
 
+def run_order(seeds: int) -> list[tuple[str, int, int]]:
+    """(arm, label %, seed) in the order they run: the 25 % pairs seed by seed (the pretraining claim), then 100 %."""
+    low = [(arm, fraction, seed) for fraction in FRACTIONS if fraction < 100 for seed in range(seeds) for arm in ARMS]
+    return low + [(arm, 100, 0) for arm in ARMS]
+
+
 def run_key(fraction: int, seed: int) -> str:
     """`train-100` (one run: every training row), `train-25-seed0`, … (a seeded subset per seed)."""
     return f"train-{fraction}" if fraction == 100 else f"train-{fraction}-seed{seed}"
@@ -250,7 +256,7 @@ def run_benchmark(profile: Profile, data_root: Path, work: Path, workers: int, s
             raise FileNotFoundError(f"{data_root / rel}: missing (pass --data-root, the folder holding {LABELLED}/ etc.)")
     started = time.perf_counter()
     seed = 0  # pretraining, rendering and the 100 % arms; the 25 % arms run seeds 0 … seeds-1
-    step = Steps(7)
+    step = Steps(6)
     render_cfg = RenderConfig(dpi=profile.dpi)
     labelled_dir, shards, pre_dir = work / "render" / LABELLED, work / "shards" / "pool", work / "pretrain"
     with step(f"render: {LABELLED} as clean printouts at {profile.dpi} dpi (the labelled hospital)"):
@@ -271,28 +277,24 @@ def run_benchmark(profile: Profile, data_root: Path, work: Path, workers: int, s
                                        [*profile.pretrain_overrides, f"data.shards={shards}", f"out={pre_dir}",
                                         f"steps={profile.pretrain_steps}", "epochs=null", f"seed={seed}"])
         pre = pretrain(pre_cfg)
-    with step(f"finetune: pretrained vs from scratch, 100% (1 seed) and 25% ({seeds} seeds) of the training labels"):
+    with step(f"finetune and evaluate: pretrained vs from scratch, 25% ({seeds} seeds), then 100% of the training labels"):
         base = load_finetune_config(CONFIGS / "finetune" / profile.finetune_config,
                                     [*profile.finetune_overrides, "split.mode=strat_fold", f"n_bootstrap={profile.n_bootstrap}"])
         arms = {"pretrained": (base, pre_dir), "scratch": (scratch_config(base, pre_cfg), None)}
-        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for arm, (cfg, checkpoint) in arms.items():
-            for fraction in FRACTIONS:
-                for run_seed in range(seeds if fraction < 100 else 1):
-                    key = run_key(fraction, run_seed)
-                    out = work / "finetune" / f"{arm}-{key}"
-                    print(f"   {arm}, {key} → {out}", flush=True)
-                    summary = finetune(dataclasses.replace(cfg, seed=run_seed), checkpoint, files[key], out, progress=False)
-                    runs.setdefault((arm, fraction), []).append({"key": key, "finetune": summary})
-    with step("evaluate: fold 10 (test) and folds 9+10, 95% bootstrap CIs"):
-        results: dict[str, Any] = {arm: {} for arm in arms}
-        for (arm, fraction), seeded in runs.items():
-            for run in seeded:
-                model = Path(run["finetune"]["checkpoint"]).parent
-                for test in TEST_SETS:
-                    run[test] = evaluate(model, files[test], work / "evaluate" / f"{arm}-{run['key']}-{test}", "all",
-                                         profile.n_bootstrap, progress=False)
-            results[arm][str(fraction)] = {"runs": seeded}
+        results: dict[str, Any] = {arm: {str(f): {"runs": []} for f in FRACTIONS} for arm in arms}
+        for arm, fraction, run_seed in run_order(seeds):
+            cfg, checkpoint = arms[arm]
+            key = run_key(fraction, run_seed)
+            out = work / "finetune" / f"{arm}-{key}"
+            print(f"   {arm}, {key} → {out}", flush=True)
+            run: dict[str, Any] = {"key": key, "finetune": finetune(dataclasses.replace(cfg, seed=run_seed), checkpoint,
+                                                                   files[key], out, progress=False)}
+            for test in TEST_SETS:
+                run[test] = evaluate(out, files[test], work / "evaluate" / f"{arm}-{key}-{test}", "all",
+                                     profile.n_bootstrap, progress=False)
+            results[arm][str(fraction)]["runs"].append(run)
+            print(f"     fold-10 macro-AUROC {metric_text(run['fold10']['macro_auroc'])}", flush=True)
+            write_json(work / "partial-results.json", results)  # what a run cut short still has
     with step(f"signal baseline: a 1-D CNN on the 100 Hz signals of the same records and folds, {seeds} seeds"):
         results["signal_baseline"] = run_baseline(data_root / LABELLED, seeds, profile.n_bootstrap, profile.signal_epochs)
     full = {
