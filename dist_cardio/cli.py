@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "fine-tune a pretrained checkpoint on one hospital's labelled images",
     "evaluate": "metrics with confidence intervals and a confusion matrix for a fine-tuned model",
     "predict": "class probabilities (CSV) for new images",
+    "export": "a fine-tuned model as one ONNX file that predicts without PyTorch (ONNX Runtime)",
     "explain": "Grad-CAM overlays and a shortcut audit (attention outside the ECG grid)",
     "submit": "submit pretraining or per-hospital fine-tuning jobs to SLURM through submitit",
     "jobs": "list the jobs submitted from a job folder: state, requeues, last step, logs",
@@ -42,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            _load(name).configure(p)
+            try:
+                _load(name).configure(p)
+            except ModuleNotFoundError as e:  # e.g. a deployment install (no torch) asked to train or export
+                print(f"dist-cardio {name}: error: needs {e.name}, which is not installed here (an install with only the "
+                      "`deploy` extra runs `predict --model`; README, 'Deploy at a hospital')", file=sys.stderr)
+                return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from dist_cardio.downstream.gradcam import WARN_ABOVE, explain_files
-from dist_cardio.downstream.predict import image_files, load_finetuned
+from dist_cardio.downstream.page_input import image_files
+from dist_cardio.downstream.predict import load_finetuned
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

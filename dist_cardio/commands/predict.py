@@ -1,5 +1,8 @@
-"""`dist-cardio predict IMAGES... --checkpoint best.pt --out preds.csv`: class probabilities per image.
+"""`dist-cardio predict IMAGES... --checkpoint best.pt | --model model.onnx --out preds.csv`: class probabilities per image.
 
+`--checkpoint` runs the fine-tuned PyTorch model, `--model` its ONNX export (`dist-cardio export`)
+through ONNX Runtime; both prepare pages and write the CSV with the same code. The `--model` path never
+imports torch, so a deployment installs only onnxruntime, numpy, Pillow and tqdm.
 Unreadable files are listed (each with its reason) and get a row with an `error`; the rest are still
 predicted. Exit status 1 when any file was unreadable, so scripts notice.
 """
@@ -10,20 +13,37 @@ import argparse
 import sys
 from pathlib import Path
 
-from dist_cardio.downstream.predict import image_files, load_finetuned, predict_files, write_predictions
+from dist_cardio.downstream.page_input import image_files
+from dist_cardio.downstream.predictions import Predictor, predict_files, write_predictions
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files and/or folders of images")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="best.pt of a fine-tuning run (or the run folder)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="best.pt of a fine-tuning run (or the run folder): PyTorch")
+    source.add_argument("--model", type=Path, help="model.onnx written by `dist-cardio export`: ONNX Runtime, no PyTorch")
     parser.add_argument("--out", required=True, type=Path, help="CSV to write: path, prediction, error, p_<class>...")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def load_model(args: argparse.Namespace) -> Predictor:
+    """The ONNX or the PyTorch model; each runtime is imported only when chosen (a deployment has no torch)."""
+    if args.model is not None:
+        try:
+            from dist_cardio.downstream.onnx_model import load_onnx
+        except ModuleNotFoundError as e:
+            raise ValueError(f"--model needs {e.name}, which is not installed: pip install onnxruntime==1.30.0 numpy pillow "
+                             "tqdm (the `deploy` extra; README, 'Deploy at a hospital')") from None
+        return load_onnx(args.model, args.device)
+    from dist_cardio.downstream.predict import load_finetuned
+
+    return load_finetuned(args.checkpoint, args.device)
+
+
 def run(args: argparse.Namespace) -> int:
-    model = load_finetuned(args.checkpoint, args.device)
+    model = load_model(args)
     files = image_files(args.images)
     results, errors = predict_files(model, files, args.batch_size, progress=not args.no_progress)
     write_predictions(args.out, model, results, errors)

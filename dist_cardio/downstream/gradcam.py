@@ -27,7 +27,8 @@ from tqdm import tqdm
 from dist_cardio.atomic import atomic_write_json
 from dist_cardio.model import Classifier
 from dist_cardio.downstream.page import GridBox, draw_box, find_grid
-from dist_cardio.downstream.predict import FinetunedModel, read_pages
+from dist_cardio.downstream.page_input import read_pages
+from dist_cardio.downstream.predict import FinetunedModel
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def explain_files(model: FinetunedModel, files: list[Path], out: str | Path, tar
     pages, errors = read_pages(files, audit_side, model.decode_side)
     for file, (page, seen) in tqdm(pages, desc="explain", unit="img", disable=not progress):
         grid = find_grid(page, model.page)  # fractions of the page: valid at both sizes
-        batch = model.transform(model.page_copy(seen, grid)).unsqueeze(0).to(model.device)
+        batch = model.tensor([model.page_copy(seen, grid)])
         probs = model.probabilities(batch)[0]
         cls = model.classes.index(target) if target is not None else int(np.argmax(probs))
         cam = page_map(model, gradcam_maps(model.classifier, batch, [cls])[0], page, grid)

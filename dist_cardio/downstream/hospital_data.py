@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from typing import Literal
 from PIL import Image
 from tqdm import tqdm
 
-from dist_cardio.downstream.page import GridBox, PageConfig, apply_page, prepare_page
-from dist_cardio.shard.imagecheck import BadImage, check_structure, open_image
+from dist_cardio.downstream.page import PageConfig
+from dist_cardio.downstream.page_input import decode_image, decode_side, model_image
+from dist_cardio.shard.imagecheck import BadImage
 from dist_cardio.shard.labels import parse_label, read_label_rows
 from dist_cardio.shard.manifest import read_samples
 from dist_cardio.shard.sources import IMAGE_SUFFIXES
@@ -187,53 +187,6 @@ def _read_shards(root: Path) -> HospitalData:
     return HospitalData(root, "shards", items, multilabel, unlabeled)
 
 
-def decode_image(data: bytes, max_side: int) -> Image.Image:
-    """Validated bytes → RGB image, long side at most `max_side` px; raises BadImage naming the damage."""
-    check_structure(data)
-    img = open_image(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if img.format == "JPEG":  # decode at reduced scale (DCT scaling): much cheaper for big scans
-            img.draft("RGB", (max_side, max_side))
-        try:
-            img.load()
-        except Exception as e:  # Pillow raises many types for damaged data
-            raise BadImage(f"undecodable {img.format}: {e}") from None
-    if img.mode in ("RGBA", "LA", "P", "PA"):  # transparent areas are paper, not black
-        rgba = img.convert("RGBA")
-        img = Image.new("RGB", rgba.size, (255, 255, 255))
-        img.paste(rgba, mask=rgba.getchannel("A"))
-    img = img.convert("RGB")
-    img.thumbnail((max_side, max_side), Image.Resampling.BOX)
-    return img
-
-
-def decode_side(page: PageConfig, side: int) -> int:
-    """Size pages are decoded at: enough for the model input and for the grid search."""
-    return max(side, page.detect_side) if page.mode != "none" else side
-
-
-def cache_shape(width: int, input_shape: tuple[int, int]) -> tuple[int, int]:
-    """``(height, width)`` of the kept copy of a page: `width` px wide at the model input's aspect."""
-    h, w = input_shape
-    return max(1, round(width * h / w)), width
-
-
-def model_image(img: Image.Image, page: PageConfig, side: int, grid: GridBox | None = None,
-                input_shape: tuple[int, int] | None = None) -> Image.Image:
-    """What the model is fed from: the page cropped/masked per `page`, resized to `side` px wide at the
-    aspect of `input_shape` (height, width; None: square `side`×`side`).
-
-    Resizing the whole page (not centre-cropping) keeps all twelve leads; at the input's own aspect it
-    also keeps the traces' proportions (a square would squeeze a landscape page by 1.4×). Training,
-    evaluation, prediction and Grad-CAM all use this one geometry, so a map at input resolution maps back
-    by a plain resize. `grid`: the page's grid box when already found (the search is the costly part).
-    """
-    prepared = prepare_page(img, page) if grid is None else apply_page(img, page, grid)
-    h, w = cache_shape(side, input_shape or (side, side))
-    return prepared.resize((w, h), Image.Resampling.LANCZOS)
-
-
 def _item_bytes(items: list[HospitalImage]) -> Iterator[tuple[int, bytes | str, str]]:
     """(index, image bytes or an error, sha256 of the original file) per item; shards read one tar at a time.
 
@@ -301,4 +254,4 @@ def describe(data: HospitalData) -> str:
             f"{'multi' if data.multilabel else 'single'}-label, classes {json.dumps(dict(sorted(counts.items())))}")
 
 
-__all__ = ["HospitalImage", "HospitalData", "LoadedImages", "read_hospital", "decode_image", "decode_side", "cache_shape", "model_image", "load_images", "describe", "LABELS_CSV"]
+__all__ = ["HospitalImage", "HospitalData", "LoadedImages", "read_hospital", "load_images", "describe", "LABELS_CSV"]

@@ -9,6 +9,9 @@ colour, and traces) that continue for ~7 mm horizontally or vertically. Text and
 lines; the grid has them everywhere. The box spans the rows and columns dense in line pixels that lie
 near lines of the other direction. Pages without a grid (blank-paper exports) have almost no line pixels:
 then the configured `fallback_box` is used.
+
+The filters are numpy (the same windows as `scipy.ndimage`'s, mode `reflect`), so a deployment that
+predicts through ONNX Runtime crops pages exactly as training did without installing SciPy.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,42 @@ class GridBox(NamedTuple):
         return inside
 
 
+def _along(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(start, stop)
+    return a[tuple(index)]
+
+
+def _reflect(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """`a` padded along `axis` for a `size`-wide window centred as scipy.ndimage centres it (d c b a | a b c d)."""
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (size // 2, size - 1 - size // 2)
+    return np.pad(a, pad, mode="symmetric")
+
+
+def window_mean(a: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Mean over a `size`-wide window along `axis` (= `scipy.ndimage.uniform_filter1d`), in `a`'s dtype."""
+    sums = np.cumsum(_reflect(a, axis, size), axis=axis, dtype=np.float64)
+    sums = np.concatenate([np.zeros_like(_along(sums, axis, 0, 1)), sums], axis=axis)
+    n = a.shape[axis]
+    return ((_along(sums, axis, size, size + n) - _along(sums, axis, 0, n)) / size).astype(a.dtype)
+
+
+def window_max(a: np.ndarray, size: int) -> np.ndarray:
+    """Maximum over a `size`×`size` window (= `scipy.ndimage.maximum_filter`), one axis at a time.
+
+    Window maxima double in width (1, 2, 4, ...) and two overlapping ones cover `size`: log₂(size)
+    passes over the page instead of `size`.
+    """
+    for axis in (0, 1):
+        m, n, width = _reflect(a, axis, size), a.shape[axis], 1
+        while 2 * width <= size:  # m[i] = max of the padded row from i to i + width
+            m = np.maximum(_along(m, axis, 0, m.shape[axis] - width), _along(m, axis, width, m.shape[axis]))
+            width *= 2
+        a = np.maximum(_along(m, axis, 0, n), _along(m, axis, size - width, size - width + n))
+    return a
+
+
 def _line_pixels(grey_min: np.ndarray, run: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels on faint horizontal / vertical straight lines at least `run` px long.
 
@@ -73,12 +111,17 @@ def _line_pixels(grey_min: np.ndarray, run: int) -> tuple[np.ndarray, np.ndarray
     but keeps more than 40% of its brightness, so black text, traces and solid marks (a banner in the
     header) never pass for grid.
     """
-    paper = ndimage.maximum_filter(grey_min, size=9)
+    paper = window_max(grey_min, 9)
     depth = paper - grey_min
     ink = ((depth > 8.0) & (depth < 0.6 * paper)).astype(np.float32)
-    horizontal = ndimage.uniform_filter1d(ink, run, axis=1) > 0.7
-    vertical = ndimage.uniform_filter1d(ink, run, axis=0) > 0.7
+    horizontal = window_mean(ink, run, axis=1) > 0.7
+    vertical = window_mean(ink, run, axis=0) > 0.7
     return horizontal, vertical
+
+
+def _box_mean(a: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a `size`×`size` window (= `scipy.ndimage.uniform_filter`)."""
+    return window_mean(window_mean(a, size, axis=0), size, axis=1)
 
 
 def find_grid(img: Image.Image, cfg: PageConfig) -> GridBox:
@@ -91,11 +134,11 @@ def find_grid(img: Image.Image, cfg: PageConfig) -> GridBox:
     grey_min = np.asarray(small, dtype=np.float32).min(axis=2)
     run = max(5, round(cfg.detect_side * 25 / 1024))  # ~7 mm on an A4 page: longer than any letter stroke
     horizontal, vertical = _line_pixels(grey_min, run)
-    near_h = ndimage.uniform_filter(horizontal.astype(np.float32), 2 * run) > 0.02
-    near_v = ndimage.uniform_filter(vertical.astype(np.float32), 2 * run) > 0.02
+    near_h = _box_mean(horizontal.astype(np.float32), 2 * run) > 0.02
+    near_v = _box_mean(vertical.astype(np.float32), 2 * run) > 0.02
     grid = (horizontal & near_v) | (vertical & near_h)
-    rows = ndimage.uniform_filter1d(grid.mean(axis=1), run)
-    cols = ndimage.uniform_filter1d(grid.mean(axis=0), run)
+    rows = window_mean(grid.mean(axis=1), run, axis=0)
+    cols = window_mean(grid.mean(axis=0), run, axis=0)
     fallback = GridBox(cfg.fallback_box, False)
     if rows.max() <= 0:
         return fallback

@@ -1,15 +1,14 @@
-"""A fine-tuned model and the images it is asked about: loading, preprocessing, class probabilities.
+"""A fine-tuned model (PyTorch) and the images it is asked about: loading, class probabilities, evaluation.
 
-`evaluate`, `predict` and `explain` all go through `load_finetuned` and `FinetunedModel.inputs`, so an
-image is prepared exactly as in fine-tuning (page crop/mask, working size, evaluation transform).
-Unreadable files do not stop a batch: each is reported with its reason and the others are predicted.
+`evaluate`, `predict` and `explain` all go through `load_finetuned` and `FinetunedModel.spec`, so an
+image is prepared exactly as in fine-tuning (page crop/mask, working size, evaluation transform: the
+torch-free `page_input.py`, which an exported ONNX model uses too). Prediction itself (batches, files
+that cannot be read, the CSV) is `predictions.py`, shared with the ONNX Runtime path.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from dist_cardio.config import from_dict
-from dist_cardio.data import AugmentConfig, build_torchvision_transform
+from dist_cardio.data import AugmentConfig
 from dist_cardio.downstream.finetune import FORMAT
 from dist_cardio.downstream.finetune_model import targets_for
-from dist_cardio.downstream.hospital_data import decode_image, decode_side, load_images, model_image, read_hospital
+from dist_cardio.downstream.hospital_data import load_images, read_hospital
 from dist_cardio.downstream.metrics import evaluate_predictions
-from dist_cardio.model import Classifier, ModelConfig, SimCardioNet
 from dist_cardio.downstream.page import GridBox, PageConfig
-from dist_cardio.shard.imagecheck import BadImage
-from dist_cardio.shard.sources import IMAGE_SUFFIXES
+from dist_cardio.downstream.page_input import InputSpec
+from dist_cardio.model import Classifier, ModelConfig, SimCardioNet
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,9 @@ class FinetunedModel:
     """Width of the page copy the transform reads (at the input's aspect), as in fine-tuning."""
     split: dict[str, str]
     """Content hash → split of the images it was fine-tuned on (to evaluate on its test images only)."""
-    transform: Any
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    """The input normalisation it was fine-tuned with (`augment.mean` / `augment.std`)."""
     device: torch.device
 
     @property
@@ -53,18 +53,25 @@ class FinetunedModel:
         return self.classifier.cfg.input_shape
 
     @property
-    def decode_side(self) -> int:
-        return decode_side(self.page, self.image_cache)
+    def spec(self) -> InputSpec:
+        return InputSpec(self.page, self.image_cache, self.input_shape, self.mean, self.std)
 
-    def inputs(self, pages: list[Image.Image]) -> torch.Tensor:
-        """Decoded pages → the normalised batch the classifier takes."""
-        return torch.stack([self.transform(self.page_copy(p)) for p in pages]).to(self.device)
+    @property
+    def decode_side(self) -> int:
+        return self.spec.decode_side
 
     def page_copy(self, page: Image.Image, grid: GridBox | None = None) -> Image.Image:
-        """The page cropped/masked and resized exactly as in fine-tuning (what the transform reads)."""
-        return model_image(page, self.page, self.image_cache, grid, self.input_shape)
+        """The page cropped/masked and resized exactly as in fine-tuning."""
+        return self.spec.page_copy(page, grid)
 
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+    def tensor(self, copies: list[Image.Image]) -> torch.Tensor:
+        """Page copies (`page_copy`) → the normalised batch on the model's device."""
+        spec = self.spec
+        return torch.from_numpy(np.stack([spec.array(c) for c in copies])).to(self.device)
+
+    def probabilities(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch).to(self.device)
         self.classifier.eval()
         with torch.no_grad():
             logits = self.classifier(batch).float()
@@ -99,71 +106,10 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
         page=from_dict(PageConfig, state["page"], source),
         image_cache=int(state["image_cache"]),
         split=dict(state["split"]),
-        transform=build_torchvision_transform(augment, train=False),
+        mean=augment.mean,
+        std=augment.std,
         device=device,
     )
-
-
-def image_files(inputs: list[str | Path]) -> list[Path]:
-    """Files named directly, plus the images inside named folders (recursively, sorted)."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.exists():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such image or folder")
-    return files
-
-
-def read_pages(files: list[Path], *sides: int) -> tuple[list[tuple[Path, tuple[Image.Image, ...]]], list[tuple[Path, str]]]:
-    """Each readable file decoded once per size in `sides` (long side at most that), and (file, reason) for the rest."""
-    pages, errors = [], []
-    for f in files:
-        try:
-            data = f.read_bytes()
-            decoded = {side: decode_image(data, side) for side in dict.fromkeys(sides)}
-            pages.append((f, tuple(decoded[side] for side in sides)))
-        except (OSError, BadImage) as e:
-            errors.append((f, getattr(e, "strerror", None) or str(e)))
-    return pages, errors
-
-
-def predict_files(model: FinetunedModel, files: list[Path], batch_size: int = 32,
-                  progress: bool = True) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, str]]]:
-    """Probabilities per readable file, and (file, reason) per unreadable one."""
-    results, errors = [], []
-    for start in tqdm(range(0, len(files), batch_size), desc="predict", unit="batch", disable=not progress):
-        pages, bad = read_pages(files[start : start + batch_size], model.decode_side)
-        errors += bad
-        if pages:
-            probs = model.probabilities(model.inputs([p for _, (p,) in pages]))
-            results += [(f, row) for (f, _), row in zip(pages, probs)]
-    return results, errors
-
-
-def write_predictions(path: str | Path, model: FinetunedModel, results: list[tuple[Path, np.ndarray]],
-                      errors: list[tuple[Path, str]]) -> None:
-    """CSV: `path`, `prediction` (`;`-joined for multi-label), `error`, one probability column per class.
-
-    Unreadable files get a row too, with the reason in `error` and empty probabilities.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "prediction", "error", *(f"p_{c}" for c in model.classes)])
-        for file, probs in results:
-            if model.multilabel:
-                predicted = ";".join(c for c, p in zip(model.classes, probs) if p >= model.threshold)
-            else:
-                predicted = model.classes[int(np.argmax(probs))]
-            writer.writerow([str(file), predicted, "", *(f"{p:.6f}" for p in probs)])
-        for file, reason in errors:
-            writer.writerow([str(file), "", reason, *([""] * len(model.classes))])
-    os.replace(tmp, path)
 
 
 def evaluate_data(model: FinetunedModel, data: str | Path, subset: str = "auto", n_bootstrap: int = 1000,
@@ -195,8 +141,7 @@ def evaluate_data(model: FinetunedModel, data: str | Path, subset: str = "auto",
     targets = targets_for([loaded.items[i].labels for i in chosen], model.classes, model.multilabel)
     probs = []
     for start in tqdm(range(0, len(chosen), batch_size), desc=f"evaluate ({subset})", unit="batch", disable=not progress):
-        batch = torch.stack([model.transform(loaded.images[i]) for i in chosen[start : start + batch_size]])
-        probs.append(model.probabilities(batch.to(model.device)))
+        probs.append(model.probabilities(model.tensor([loaded.images[i] for i in chosen[start : start + batch_size]])))
     metrics = evaluate_predictions(targets.numpy().astype(np.int64), np.concatenate(probs), model.classes, model.multilabel,
                                    model.threshold, n_bootstrap, seed, progress)
     metrics["subset"] = subset
@@ -205,4 +150,4 @@ def evaluate_data(model: FinetunedModel, data: str | Path, subset: str = "auto",
     return metrics
 
 
-__all__ = ["FinetunedModel", "load_finetuned", "image_files", "read_pages", "predict_files", "write_predictions", "evaluate_data"]
+__all__ = ["FinetunedModel", "load_finetuned", "evaluate_data"]

@@ -19,7 +19,8 @@ from dist_cardio.data import contrastive_loader
 from dist_cardio.downstream.finetune import load_finetune_config, run_finetune
 from dist_cardio.downstream.gradcam import explain_files
 from dist_cardio.downstream.page import find_grid
-from dist_cardio.downstream.predict import evaluate_data, load_finetuned, predict_files
+from dist_cardio.downstream.predict import evaluate_data, load_finetuned
+from dist_cardio.downstream.predictions import predict_files
 from dist_cardio.model import preset
 from dist_cardio.shard import ShardConfig, shard_inputs
 from dist_cardio.signals.render import PAGE_MM, RenderConfig, render_dataset

@@ -1,4 +1,6 @@
-"""Commands that read a fine-tuned model: predict (survives bad files), evaluate, explain."""
+"""Commands that read a fine-tuned model: predict (survives bad files), evaluate, explain.
+
+The `finetuned` fixture (a quick fine-tune on rendered PTB-XL pages) is in `conftest.py`."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import csv
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +15,11 @@ import pytest
 from PIL import Image
 
 from dist_cardio import cli
-from dist_cardio.downstream.finetune import load_finetune_config, run_finetune
 from dist_cardio.downstream.gradcam import explain_files
 from dist_cardio.downstream.page import PageConfig
-from dist_cardio.downstream.predict import evaluate_data, image_files, load_finetuned, predict_files
-from dist_cardio.signals.render import RenderConfig, render_dataset
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def finetuned(shared_data, tmp_path_factory) -> tuple[Path, Path]:
-    """(run folder, hospital folder): a quick single-label fine-tune on class folders of rendered PTB-XL pages."""
-    rendered = tmp_path_factory.mktemp("rendered")
-    render_dataset(shared_data / "ptbxl-500", rendered, RenderConfig(dpi=60), workers=1, limit=80)
-    hospital = tmp_path_factory.mktemp("hospital")
-    with open(rendered / "labels.csv") as f:
-        for row in csv.DictReader(f):
-            if row["label"] in ("NORM", "MI", "STTC"):
-                (hospital / row["label"]).mkdir(exist_ok=True)
-                shutil.copy(rendered / row["path"], hospital / row["label"])
-    cfg = load_finetune_config(REPO / "configs" / "finetune" / "tiny.yaml",
-                               ['stages=[{epochs: 1, lr: 0.003, groups: 1}, {epochs: 1, lr: 0.001}]', "n_bootstrap=20"])
-    run = tmp_path_factory.mktemp("run")
-    run_finetune(cfg, None, hospital, run, progress=False)
-    return run, hospital
+from dist_cardio.downstream.page_input import image_files
+from dist_cardio.downstream.predict import evaluate_data, load_finetuned
+from dist_cardio.downstream.predictions import predict_files
 
 
 def _bad_files(folder: Path, good: Path) -> list[Path]:
