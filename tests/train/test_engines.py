@@ -68,6 +68,40 @@ def test_deepspeed_and_accelerate_give_the_same_losses_on_two_ranks():
     assert torch.equal(ranks[0]["accelerate_weights"], ranks[1]["accelerate_weights"])
 
 
+def _layouts(info: DistInfo) -> dict:
+    """Each engine with contiguous and with channels-last inputs (the CUDA default), and the stem conv's output layout."""
+    lrs = warmup_cosine(1.0, 4, 1, 0.0)
+    result = {}
+    for backend, precision in LAYOUT_RUNS:
+        for layout in ("contiguous", "channels_last"):
+            torch.manual_seed(0)
+            model = SimCardioNet(preset("tiny"))
+            seen: list[bool] = []
+            stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            stem.register_forward_hook(lambda m, i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
+            cfg = EngineConfig(backend=backend, precision=precision, memory_format=layout)
+            engine = build_engine(cfg, model, build_lars(model, LarsConfig()), info, BATCH)
+            torch.manual_seed(100 + info.rank)
+            result[f"{backend}/{precision}/{layout}"] = torch.tensor(_train(engine, info.rank, range(4), lrs))
+            result[f"{backend}/{precision}/{layout}/conv_channels_last"] = torch.tensor(seen)
+    return result
+
+
+LAYOUT_RUNS = [("deepspeed", "fp32"), ("deepspeed", "bf16"), ("accelerate", "fp32")]
+
+
+@pytest.mark.slow
+def test_channels_last_trains_like_contiguous_on_both_engines():
+    """The CUDA layout on 2 gloo ranks: DeepSpeed's parameter broadcast and DDP's buckets accept it, the
+    convolutions really run channels-last, and the losses are those of contiguous inputs."""
+    for r in run_local_processes(_layouts, 2, timeout_s=600):
+        for backend, precision in LAYOUT_RUNS:
+            key = f"{backend}/{precision}"
+            torch.testing.assert_close(r[f"{key}/channels_last"], r[f"{key}/contiguous"], rtol=2e-3 if precision == "bf16" else 1e-5, atol=0)
+            assert r[f"{key}/channels_last/conv_channels_last"].all(), key
+            assert not r[f"{key}/contiguous/conv_channels_last"].any(), key
+
+
 def _state_round_trip(info: DistInfo, backend: str, precision: str) -> dict:
     """Train 2 steps, save through a weights_only file, train 2 more; a fresh engine loading it must match."""
     lrs = warmup_cosine(1.0, 4, 1, 0.0)
@@ -118,6 +152,9 @@ def test_engine_config_validates():
         EngineConfig(backend="accelerate", zero_stage=1)
     assert EngineConfig().resolved_precision(torch.device("cpu")) == "fp32"
     assert EngineConfig().resolved_precision(torch.device("cuda", 0)) == "bf16"
+    assert EngineConfig().resolved_memory_format(torch.device("cpu")) == torch.contiguous_format
+    assert EngineConfig().resolved_memory_format(torch.device("cuda", 0)) == torch.channels_last
+    assert EngineConfig(memory_format="channels_last").resolved_memory_format(torch.device("cpu")) == torch.channels_last
 
 
 def test_pretrain_config_refuses_zero_1_with_lars_at_load_time(tmp_path):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dist_cardio.distributed import DistInfo
+from dist_cardio.model import memory_format
 from dist_cardio.train.schedule import apply_lr
 
 
@@ -31,6 +32,9 @@ class EngineConfig:
     """DeepSpeed ZeRO stage. 1 and 2 are refused with LARS (see :func:`zero_lars_refusal`)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 on GPU, fp32 on CPU."""
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    """Layout of the inputs (and of the weights where the backend allows it): ``auto`` is channels-last on
+    CUDA (faster convolutions), contiguous elsewhere; ``channels_last`` on a CPU runs the GPU's layout there."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2):
@@ -43,6 +47,12 @@ class EngineConfig:
         if self.precision == "auto":
             return "bf16" if device.type == "cuda" else "fp32"
         return self.precision
+
+    def resolved_memory_format(self, device: torch.device) -> torch.memory_format:
+        """The inputs' layout on ``device`` (``auto``: :func:`dist_cardio.model.memory_format`)."""
+        if self.memory_format == "auto":
+            return memory_format(device)
+        return torch.channels_last if self.memory_format == "channels_last" else torch.contiguous_format
 
 
 def zero_lars_refusal(stage: int) -> str:
@@ -71,6 +81,8 @@ class Engine(ABC):
     """The client optimizer (LARS), as the backend wrapped it."""
     device: torch.device
     precision: str
+    memory_format: torch.memory_format
+    """Layout :meth:`prepare` gives the inputs (convolutions follow a channels-last input)."""
 
     @abstractmethod
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from torch import nn
 
 from dist_cardio.distributed import DistInfo
 from dist_cardio.train.engines import Engine, EngineConfig
-from dist_cardio.model import memory_format
 
 
 class AccelerateEngine(Engine):
@@ -27,16 +26,16 @@ class AccelerateEngine(Engine):
     def __init__(self, cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> None:
         self.device = info.device
         self.precision = cfg.resolved_precision(info.device)
-        self._format = memory_format(info.device)
+        self.memory_format = cfg.resolved_memory_format(info.device)
         self._accelerator = Accelerator(
             cpu=info.device.type == "cpu", mixed_precision="bf16" if self.precision == "bf16" else "no"
         )
-        model = model.to(info.device, memory_format=self._format)
+        model = model.to(info.device, memory_format=self.memory_format)
         self.model, self.optimizer = self._accelerator.prepare(model, optimizer)
         self.module: nn.Module = self._accelerator.unwrap_model(self.model)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, memory_format=self._format, non_blocking=True)
+        return x.to(self.device, memory_format=self.memory_format, non_blocking=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         self._accelerator.backward(loss)

@@ -12,6 +12,12 @@ settings, each avoiding a trap seen on this DeepSpeed version:
   scales each layer, and the Accelerate backend does not clip, so clipping would break engine parity.
 * bf16: the model is cast to bf16 (buffers too, which CPU BatchNorm needs) and DeepSpeed keeps fp32
   master copies per parameter tensor, so LARS still sees whole layers. Inputs are cast in ``prepare``.
+* Channels-last applies to the inputs only; the weights stay contiguous. ``deepspeed.initialize``
+  broadcasts every parameter as ``p.data.view(torch.uint8)``, which raises on channels-last strides, and
+  bf16 keeps the weights as views of one flat buffer, which a later re-layout would silently detach.
+  PyTorch runs a convolution channels-last when its input is (tested on CPU for every convolution;
+  ``benchmarks/gpu_check.py`` measures the share on CUDA, where a layer without a channels-last kernel
+  would hand the next one a contiguous tensor).
 
 Checkpoints: ranks hold identical replicas at stage 0, so the trainer saves rank 0's state dicts
 (``checkpoint.py``); DeepSpeed's own ``save_checkpoint`` (pickles, one folder per tag) is not used.
@@ -36,7 +42,6 @@ import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
 from dist_cardio.distributed import DistInfo  # noqa: E402
 from dist_cardio.train.engines import Engine, EngineConfig, zero_lars_refusal  # noqa: E402
 from dist_cardio.train.lars import LARS  # noqa: E402
-from dist_cardio.model import memory_format  # noqa: E402
 
 
 def deepspeed_config(cfg: EngineConfig, precision: str, micro_batch: int) -> dict[str, Any]:
@@ -72,8 +77,8 @@ class DeepSpeedEngine(Engine):
         self.device = info.device
         self.precision = cfg.resolved_precision(info.device)
         self._dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self._format = memory_format(info.device)
-        model = model.to(info.device, memory_format=self._format)
+        self.memory_format = cfg.resolved_memory_format(info.device)
+        model = model.to(info.device)  # contiguous weights: see the module docstring
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.precision, micro_batch), dist_init_required=False
         )
@@ -83,7 +88,7 @@ class DeepSpeedEngine(Engine):
         self.module: nn.Module = engine.module
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, dtype=self._dtype, memory_format=self._format, non_blocking=True)
+        return x.to(self.device, dtype=self._dtype, memory_format=self.memory_format, non_blocking=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
