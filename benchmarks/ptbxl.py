@@ -74,7 +74,7 @@ from dist_cardio.downstream.metrics import metric_text
 from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config
 from dist_cardio.signals.records import read_id_list
 from dist_cardio.signals.render import RenderConfig
-from signal_baseline import run_baseline  # benchmarks/ is on sys.path when this script runs
+from signal_baseline import run_baseline, seed_stats  # benchmarks/ is on sys.path when this script runs
 
 REPO = Path(__file__).resolve().parents[1]
 LABELLED = "ptbxl-500"
@@ -183,14 +183,6 @@ def run_order(seeds: int) -> list[tuple[str, int, int]]:
 def run_key(fraction: int, seed: int) -> str:
     """`train-100` (one run: every training row), `train-25-seed0`, … (a seeded subset per seed)."""
     return f"train-{fraction}" if fraction == 100 else f"train-{fraction}-seed{seed}"
-
-
-def seed_stats(runs: list[dict[str, Any]], test: str, metric: str) -> tuple[float | None, float | None]:
-    """Mean and sample sd over seeds (sd None for one seed); None where the metric was undefined."""
-    values = [r[test][metric]["value"] for r in runs if r[test][metric]["value"] is not None]
-    if not values:
-        return None, None
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -110,10 +110,12 @@ def run_baseline(root: Path, seeds: int, n_bootstrap: int = 1000, epochs: int = 
             "n": {test: int(np.isin(folds, f).sum()) for test, f in TEST_SETS.items()}}
 
 
-def mean_sd(runs: list[dict[str, Any]], test: str, metric: str) -> tuple[float, float]:
-    """Mean and sample standard deviation over seeds of one metric (0 sd for a single seed)."""
-    values = np.array([r[test][metric]["value"] for r in runs if r[test][metric]["value"] is not None], float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def seed_stats(runs: list[dict[str, Any]], test: str, metric: str) -> tuple[float | None, float | None]:
+    """Mean and sample sd over seeds (sd None for one seed); None where the metric was undefined."""
+    values = [r[test][metric]["value"] for r in runs if r[test][metric]["value"] is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_baseline(root, args.seeds)
     for test in TEST_SETS:
         print(f"{test:<10} " + "  ".join(f"{m} {metric_text(result['runs'][0][test][m])}" for m in METRICS))
-        print(f"{'':<10} " + "  ".join("{} {:.3f} ± {:.3f}".format(m, *mean_sd(result["runs"], test, m)) for m in METRICS))
+        stats = {m: seed_stats(result["runs"], test, m) for m in METRICS}
+        print(f"{'':<10} " + "  ".join(f"{m} {mean:.3f} ± {sd or 0:.3f}" if mean is not None else f"{m} n/a" for m, (mean, sd) in stats.items()))
     print(f"{args.seeds} seed(s), {time.perf_counter() - tic:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
