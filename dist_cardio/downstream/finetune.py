@@ -198,10 +198,10 @@ def _finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, hospital: Hosp
     parts = _Parts(loaded, split, targets_for([it.labels for it in loaded.items], hospital.classes, multilabel), augment)
     train_set = parts.subset("train", train=True)
     train_loader, val_loader = _loaders(cfg, train_set, parts.subset("val", train=False), multilabel, device)
-    loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, cfg.imbalance).to(device)
-    eval_loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, "none").to(device)
-    chance = chance_loss(loss_fn.cpu(), train_set.targets, len(hospital.classes), multilabel)
+    loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, cfg.imbalance)
+    chance = chance_loss(loss_fn, train_set.targets, len(hospital.classes), multilabel)  # on the CPU targets
     loss_fn.to(device)
+    eval_loss_fn = make_loss(train_set.targets, len(hospital.classes), multilabel, "none").to(device)
     log.info("training loss of a constant guess (the class frequencies): %.4f; a network that fits ends well below it", chance)
 
     classifier = Classifier(encoder, len(hospital.classes), cfg.dropout).to(device)
