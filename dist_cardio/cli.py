@@ -7,6 +7,7 @@ importing torch, DALI or DeepSpeed. Each module defines `configure(parser)` and 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -58,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     # Bad input (ConfigError is a ValueError, bad data, paths) is one line naming the file, never a traceback.
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
         print(f"dist-cardio {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"dist-cardio {args.command}: error: {e.filename or 'an output file'}: {e.strerror}; free space and re-run "
+              "(completed outputs are kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dist-cardio {args.command}: interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from dist_cardio.config import from_dict
 from dist_cardio.model import Classifier, ModelConfig, ParamGroup, SimCardioNet, unfreeze_groups
-from dist_cardio.train.checkpoint import CheckpointManager
+from dist_cardio.train.checkpoint import FORMAT as CHECKPOINT_FORMAT, CheckpointError, load_weights, read_checkpoint
 
 if TYPE_CHECKING:  # annotations only: finetune.py imports this module
     from dist_cardio.downstream.finetune import FinetuneConfig, StageConfig
@@ -38,12 +38,16 @@ def load_encoder(checkpoint: str | Path | None, cfg: FinetuneConfig) -> tuple[Si
         if path.is_dir() and candidate.is_file():
             path = candidate
             break
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise FileNotFoundError(f"{checkpoint}: no pretraining checkpoint (pass the file, its run folder, or --from-scratch)")
-    state = CheckpointManager(path.parent).load(path)
-    model_cfg = from_dict(ModelConfig, state["config"]["model"], source=f"{path} (config.model)")
+    fix = "pass a pretraining checkpoint written by `dist-cardio pretrain` (its run folder or a step-N.pt), or --from-scratch"
+    state = read_checkpoint(path, fix)
+    if state.get("format") != CHECKPOINT_FORMAT or not isinstance(state.get("config"), dict) or "model" not in state:
+        kind = "a fine-tuned model, not a pretraining checkpoint" if "classes" in state else "not a dist_cardio pretraining checkpoint"
+        raise CheckpointError(f"{path}: {kind}; {fix}")
+    model_cfg = from_dict(ModelConfig, state["config"].get("model", {}), source=f"{path} (config.model)")
     encoder = SimCardioNet(model_cfg)
-    encoder.load_state_dict(state["model"])
+    load_weights(encoder, state["model"], path, fix)
     return encoder, str(path)
 
 

@@ -27,8 +27,11 @@ from dist_cardio.downstream.metrics import evaluate_predictions
 from dist_cardio.downstream.page import GridBox, PageConfig
 from dist_cardio.downstream.page_input import InputSpec
 from dist_cardio.model import Classifier, ModelConfig, SimCardioNet
+from dist_cardio.train.checkpoint import FORMAT as CHECKPOINT_FORMAT, CheckpointError, load_weights, read_checkpoint
 
 log = logging.getLogger(__name__)
+FINETUNED_KEYS = ("model_config", "classes", "model", "multilabel", "threshold", "augment", "page", "image_cache", "split")
+"""What `load_finetuned` reads from a `best.pt`."""
 
 
 @dataclass
@@ -83,18 +86,20 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no fine-tuned checkpoint (pass the best.pt of a `dist-cardio finetune` run)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged or foreign files raise many types
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fine-tuned dist_cardio model (a pretraining checkpoint? fine-tune it first)")
+    fix = "pass the best.pt of a `dist-cardio finetune` run"
+    state = read_checkpoint(path, fix)
+    if state.get("format") != FORMAT:
+        kind = "a pretraining checkpoint: fine-tune it first" if state.get("format") == CHECKPOINT_FORMAT else "not a dist_cardio fine-tuned model"
+        raise CheckpointError(f"{path}: {kind}; {fix}")
+    missing = sorted(set(FINETUNED_KEYS) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: a fine-tuned model without {', '.join(missing)} (edited or damaged); {fix}")
     source = str(path)
     model_cfg = from_dict(ModelConfig, state["model_config"], source)
     classifier = Classifier(SimCardioNet(model_cfg), len(state["classes"]))
-    classifier.load_state_dict(state["model"])
+    load_weights(classifier, state["model"], path, fix)
     device = torch.device(device)
     classifier.to(device).eval()
     augment = from_dict(AugmentConfig, state["augment"], source)

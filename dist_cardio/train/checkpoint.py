@@ -15,9 +15,13 @@ files raise :class:`CheckpointError` naming the file and what to do; nothing is 
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import re
+import shutil
+import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +64,61 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the fix."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix (the CLI prints it as one line)."""
+
+
+def read_checkpoint(path: str | Path, fix: str) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of one checkpoint after checking its zip CRCs; every failure is one
+    :class:`CheckpointError` ``"<path>: <what is wrong>; <fix>"``.
+
+    Why the reasons are ours, not PyTorch's: checkpoints come from other sites, and PyTorch's message for a
+    file holding pickled objects advises re-running with ``weights_only=False``, which would execute them.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e.strerror}); {fix}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a regular file: a device, FIFO or folder); {fix}")
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError("empty file, 0 bytes: a copy or save cut short")
+        # torch.save writes a zip with per-member CRC32s that torch.load never checks: check them
+        # first, so flipped bytes are caught here instead of becoming silently wrong weights.
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            raise CheckpointError(f"damaged: CRC mismatch in member {bad}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e}); {fix}") from None
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a PyTorch checkpoint, or cut short: no zip directory at its end); {fix}") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: unreadable checkpoint (it holds Python objects other than tensors and plain values, "
+                              f"refused unread: a dist-cardio checkpoint never does, the file may be malicious); {fix}") from None
+    except Exception as e:  # EOFError, RuntimeError, ... for damaged members
+        reason = (str(e).splitlines() or [""])[0]
+        if "weights_only" in reason or len(reason) > 160:
+            reason = "its contents cannot be read as tensors and plain values"
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); {fix}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a dist_cardio checkpoint (a {type(state).__name__}, not a dict); {fix}")
+    return state
+
+
+def load_weights(module: torch.nn.Module, weights: Any, path: str | Path, fix: str) -> None:
+    """``module.load_state_dict(weights)``, with a mismatch as one line instead of PyTorch's multi-line report."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)
+        first = first.replace("copying a param with shape torch.Size", "").replace("the shape in current model is torch.Size", "model")[:200]
+        raise CheckpointError(f"{path}: its weights do not fit the model config stored with them ({first}); the file "
+                              f"was edited or damaged: {fix}") from None
 
 
 class CheckpointManager:
@@ -86,6 +143,7 @@ class CheckpointManager:
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Write ``state`` as ``step-<step>.pt``, point ``latest`` at it, prune old step files."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         final = self.dir / f"step-{step:08d}.pt"
         tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
         link = self.dir / f".{LATEST}.tmp-{os.getpid()}"
@@ -99,6 +157,8 @@ class CheckpointManager:
             os.link(final, link)  # same bytes, no copy; `latest` survives pruning of its step file
             os.replace(link, self.latest)
             fsync_dir(self.dir)
+        except (OSError, RuntimeError) as e:  # a full disk: OSError from fsync, RuntimeError from torch.save's writer
+            raise CheckpointError(self._unwritten(final, e)) from None
         finally:
             tmp.unlink(missing_ok=True)
             link.unlink(missing_ok=True)
@@ -136,20 +196,25 @@ class CheckpointManager:
     def load(self, path: str | Path) -> dict[str, Any]:
         """Read and check one checkpoint file (CPU tensors, ``weights_only``)."""
         path = Path(path)
-        try:
-            # torch.save writes a zip with per-member CRC32s that torch.load never checks: check them
-            # first, so flipped bytes are caught here instead of becoming silently wrong weights.
-            with zipfile.ZipFile(path) as zf:
-                bad = zf.testzip()
-            if bad is not None:
-                raise CheckpointError(f"CRC mismatch in member {bad}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # BadZipFile, EOFError, RuntimeError, UnpicklingError, ... for damaged files
-            reason = (str(e).splitlines() or [""])[0][:200]
-            raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); {self._fix(path)}") from None
-        if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
+        state = read_checkpoint(path, self._fix(path))
+        if state.get("format") != FORMAT or not isinstance(state.get("step"), int):
             raise CheckpointError(f"{path}: not a dist_cardio checkpoint (format {FORMAT!r} expected); {self._fix(path)}")
         return state
+
+    def _unwritten(self, final: Path, e: BaseException) -> str:
+        """One line for a save that failed: why, what is still on disk, how to go on."""
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(self.dir).free < 1 << 20
+        reason = "No space left on device" if full else ((e.strerror or str(e)) if isinstance(e, OSError) else (str(e).splitlines() or [""])[0][:160])
+        kept = f"{self.latest} still holds the last saved step" if self.latest.exists() else "no earlier checkpoint exists"
+        return f"{final}: not written ({reason}); {kept}. Free space and re-run the same command: it resumes from there"
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of saves killed mid-write (``.step-N.pt.tmp-PID``, ``.latest.tmp-PID``): their process is gone,
+        so nothing will finish or remove them. Only rank 0 of the run holding the output lock saves here."""
+        for p in self.dir.glob(".*.tmp-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                p.unlink(missing_ok=True)
 
     def _fix(self, path: Path) -> str:
         older = [p for p in self.step_files() if not (path.exists() and p.samefile(path))]
@@ -157,6 +222,16 @@ class CheckpointManager:
             return (f"it was left untouched. To resume from the previous one, replace it: "
                     f"ln -f {older[-1]} {self.latest}; or start afresh in a new output directory")
         return f"it was left untouched. Delete {path} to start afresh, or use a new output directory"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def rng_state() -> dict[str, Any]:
@@ -183,4 +258,4 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
 
 
-__all__ = ["CheckpointConfig", "CheckpointError", "CheckpointManager", "rng_state", "set_rng_state", "FORMAT", "LATEST"]
+__all__ = ["CheckpointConfig", "CheckpointError", "CheckpointManager", "read_checkpoint", "load_weights", "rng_state", "set_rng_state", "FORMAT", "LATEST"]

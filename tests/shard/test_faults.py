@@ -301,20 +301,6 @@ def test_out_and_inputs_must_not_nest(shared_data, tmp_path, capsys, layout):
 
 
 # --- a full disk --------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MB tmpfs (CI runs as root, so mount works there)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mount -t tmpfs not permitted here: {done.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_full_disk_is_one_line_exit_2_and_loses_nothing(shared_data, tmp_path, small_disk):
     raw = printouts(shared_data)
     first, second = tmp_path / "first", tmp_path / "second"

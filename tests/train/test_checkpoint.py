@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path):
         def __reduce__(self):
             raise OSError("No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"step-00000002.pt: not written \(No space left on device\); .*latest still holds"):
         m.save({"model": Unsaveable()}, 2)
     assert m.latest.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001.pt"]
@@ -109,3 +110,24 @@ def test_checkpoint_config_validates():
         CheckpointConfig(every=0)
     with pytest.raises(ValueError, match="keep"):
         CheckpointConfig(keep=0)
+
+
+def test_temporaries_of_killed_saves_are_removed_by_the_next_save(tmp_path):
+    """A save killed mid-write leaves `.step-N.pt.tmp-PID`; the next save removes those whose process is gone,
+    never one of a live process (pid 1 here)."""
+    manager = CheckpointManager(tmp_path, keep=2)
+    dead = _dead_pid()
+    stale = [tmp_path / f".step-00000005.pt.tmp-{dead}", tmp_path / f".latest.tmp-{dead}"]
+    live = tmp_path / ".step-00000005.pt.tmp-1"
+    for p in (*stale, live):
+        p.write_bytes(b"half a checkpoint")
+    manager.save({"model": {"w": torch.ones(2)}}, step=6)
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step-00000005.pt.tmp-1", "latest", "step-00000006.pt"]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -162,6 +162,31 @@ def test_damaged_checkpoint_stops_the_run_with_a_clear_error(shards, straight_ru
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_a_full_disk_stops_pretraining_in_one_line_and_the_same_command_resumes(shards, straight_run, small_disk):
+    """A real tmpfs with room for 1.5 checkpoints: the first save fits, the second does not."""
+    size = (straight_run / "checkpoints" / "step-00000040.pt").stat().st_size
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    out = small_disk / "run"
+    out.mkdir()
+    stats = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - int(1.5 * size) - 400_000))
+    full = _run(_command(shards, out))
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert lines[-1].startswith(f"dist-cardio pretrain: error: {out}/checkpoints/step-00000020.pt: not written "
+                                "(No space left on device)"), full.stderr[-3000:]
+    assert "still holds the last saved step" in lines[-1] and "re-run the same command" in lines[-1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000010.pt"]  # no temporaries
+    assert _latest(out)["step"] == 10
+
+    filler.unlink()
+    result = _run(_command(shards, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at step 10" in result.stdout
+    _assert_same_run(straight_run, out)
+
+
 def test_resume_refuses_a_changed_batch_size(shards, straight_run, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
