@@ -26,9 +26,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     model = load_finetuned(args.checkpoint, args.device)
-    metrics = evaluate_data(model, args.data, args.subset, args.n_bootstrap, args.batch_size, progress=not args.no_progress)
     ckpt_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
-    out = args.out or ckpt_dir / f"evaluation-{args.data.stem}-{metrics['subset']}"
+    out = args.out or ckpt_dir / f"evaluation-{args.data.stem}-{args.subset}"
+    metrics = evaluate_data(model, args.data, args.subset, args.n_bootstrap, args.batch_size, progress=not args.no_progress,
+                            report=out / "unreadable.txt")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics, newline=False, indent=1, allow_nan=False)
     plot_confusion_matrix(metrics, str(out / "confusion_matrix.png"))

@@ -1,13 +1,17 @@
-"""`dist-cardio explain IMAGES... --checkpoint best.pt --out DIR`: Grad-CAM overlays and the shortcut audit."""
+"""`dist-cardio explain IMAGES... --checkpoint best.pt --out DIR`: Grad-CAM overlays and the shortcut audit.
+
+Exit status 1 when any file was unreadable (as `predict`), so scripts notice.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from dist_cardio.downstream.gradcam import WARN_ABOVE, explain_files
-from dist_cardio.downstream.page_input import image_files
+from dist_cardio.downstream.page_input import image_files, reason_counts
 from dist_cardio.downstream.predict import load_finetuned
 
 
@@ -31,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{summary['images']} overlays → {args.out}; attention outside the ECG grid: "
           f"{'n/a' if mean is None else f'{100 * mean:.1f}% on average'}, {len(summary['flagged'])} images above "
           f"{100 * args.warn_above:.0f}%")
-    for item in summary["unreadable"]:
-        print(f"dist-cardio explain: unreadable {item['path']}: {item['reason']}")
-    return 0
+    if summary["unreadable"]:  # counts only: names may name patients; audit.json (the user's own file) lists them
+        reasons = reason_counts([item["reason"] for item in summary["unreadable"]])
+        print(f"dist-cardio explain: {len(summary['unreadable'])} unreadable images ({reasons}); listed in "
+              f"{args.out / 'audit.json'}", file=sys.stderr)
+    return 1 if summary["unreadable"] else 0

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dist_cardio.downstream.page_input import image_files
+from dist_cardio.downstream.page_input import image_files, reason_counts
 from dist_cardio.downstream.predictions import Predictor, predict_files, write_predictions
 
 
@@ -34,7 +34,7 @@ def load_model(args: argparse.Namespace) -> Predictor:
         try:
             from dist_cardio.downstream.onnx_model import load_onnx
         except ModuleNotFoundError as e:
-            raise ValueError(f"--model needs {e.name}, which is not installed: pip install onnxruntime==1.30.0 numpy pillow "
+            raise ValueError(f"--model needs {e.name}, which is not installed: pip install onnxruntime==1.30.0 numpy pillow simplejpeg "
                              "tqdm (the `deploy` extra; README, 'Deploy at a hospital')") from None
         return load_onnx(args.model, args.device)
     from dist_cardio.downstream.predict import load_finetuned
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     files = image_files(args.images)
     results, errors = predict_files(model, files, args.batch_size, progress=not args.no_progress)
     write_predictions(args.out, model, results, errors)
-    for file, reason in errors:
-        print(f"dist-cardio predict: unreadable {file}: {reason}", file=sys.stderr)
+    if errors:  # counts only: file names may name patients; the CSV (the user's own file) has each one's reason
+        print(f"dist-cardio predict: {len(errors)} unreadable images ({reason_counts([r for _, r in errors])}); "
+              f"their rows in {args.out} say why", file=sys.stderr)
     print(f"predicted {len(results)} of {len(files)} images → {args.out}" + (f" ({len(errors)} unreadable)" if errors else ""))
     return 1 if errors else 0

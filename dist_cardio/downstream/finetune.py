@@ -31,7 +31,7 @@ from dist_cardio.downstream.finetune_loop import train_stages
 from dist_cardio.downstream.finetune_model import (
     ImageSet, balanced_sampler, chance_loss, device_for, load_encoder, make_loss, predict_batches, targets_for,
 )
-from dist_cardio.downstream.hospital_data import HospitalData, LoadedImages, describe, load_images, read_hospital
+from dist_cardio.downstream.hospital_data import HospitalData, LoadedImages, describe, load_images, read_hospital, write_unreadable
 from dist_cardio.downstream.metrics import evaluate_predictions, plot_confusion_matrix
 from dist_cardio.downstream.page import PageConfig
 from dist_cardio.downstream.splits import Split, SplitConfig, make_split, save_split
@@ -299,7 +299,8 @@ def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, inpu
     without leaks; writes `split.json`."""
     log.info("%s", describe(hospital))
     loaded = load_images(hospital.items, cfg.page, side, progress, input_shape).unique()
-    _report_unreadable(loaded, out)
+    if loaded.errors:
+        write_unreadable(out / "unreadable.txt", loaded.errors)
     if not loaded.images:
         raise ValueError(f"{hospital.root}: none of the {len(hospital.items)} images could be read (see {out / 'unreadable.txt'})")
     split = make_split(
@@ -312,16 +313,6 @@ def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, inpu
         raise ValueError(f"{hospital.root}: the split left {counts['train']} training and {counts['val']} validation images; need both")
     log.info("split (%s): %s%s", split.mode, counts, f", {loaded.copies} byte-identical copies used once" if loaded.copies else "")
     return loaded, split
-
-
-def _report_unreadable(loaded: LoadedImages, out: Path) -> None:
-    if not loaded.errors:
-        return
-    (out / "unreadable.txt").write_text("".join(f"{item_id}\t{reason}\n" for item_id, reason in loaded.errors))
-    for item_id, reason in loaded.errors[:10]:
-        log.warning("left out unreadable image %s: %s", item_id, reason)
-    if len(loaded.errors) > 10:
-        log.warning("... %d unreadable images in all, listed in %s", len(loaded.errors), out / "unreadable.txt")
 
 
 __all__ = [

@@ -128,9 +128,9 @@ def explain_files(model: FinetunedModel, files: list[Path], out: str | Path, tar
     if mean is not None and mean > warn_above:
         log.warning("on average %.0f%% of Grad-CAM attention lies outside the ECG grid (header, footer, margins): "
                     "the model may use a shortcut; fine-tune with page.mode=crop or mask", 100 * mean)
-    for r in rows:
-        if r["flagged"]:
-            log.warning("%s: %.0f%% of the attention lies outside the ECG grid", r["path"], 100 * r["outside_grid_share"])
+    if summary["flagged"]:  # a count: names may name patients; audit.csv lists them
+        log.warning("%d images have more than %.0f%% of the attention outside the ECG grid (flagged in %s)",
+                    len(summary["flagged"]), 100 * warn_above, out / "audit.csv")
     return summary
 
 

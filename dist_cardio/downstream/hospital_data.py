@@ -25,9 +25,11 @@ from typing import Literal
 from PIL import Image
 from tqdm import tqdm
 
+from dist_cardio.atomic import atomic_write_text
 from dist_cardio.downstream.page import PageConfig
-from dist_cardio.downstream.page_input import decode_image, decode_side, model_image
+from dist_cardio.downstream.page_input import decode_image, decode_side, model_image, read_image_file, reason_counts
 from dist_cardio.shard.imagecheck import BadImage
+from dist_cardio.shard.safe_open import RefusedFile
 from dist_cardio.shard.labels import parse_label, read_label_rows
 from dist_cardio.shard.manifest import read_samples
 from dist_cardio.shard.sources import IMAGE_SUFFIXES
@@ -50,6 +52,8 @@ class HospitalImage:
     strat_fold: int | None = None
     file: Path | None = None
     shard: Path | None = None
+    root: Path | None = None
+    """A folder data set's root: a symlink in it that leads outside is not followed."""
 
 
 @dataclass
@@ -115,14 +119,15 @@ def read_hospital(path: str | Path) -> HospitalData:
 
 def _read_folders(root: Path) -> HospitalData:
     items, loose = [], 0
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    # Not only regular files: a FIFO or device named like an image is listed, then refused by name in unreadable.txt.
+    for file in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()):
         rel = file.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):  # .thumbnails/, .DS_Store and the like
             continue
         if len(rel.parts) < 2:
             loose += 1
             continue
-        items.append(HospitalImage(rel.as_posix(), (rel.parts[0],), file=file))
+        items.append(HospitalImage(rel.as_posix(), (rel.parts[0],), file=file, root=root))
     if not items:
         raise ValueError(
             f"{root}: no images in class sub-folders (expected {root}/<class>/<image>.png, a labels CSV, or a shard set)"
@@ -199,10 +204,12 @@ def _item_bytes(items: list[HospitalImage]) -> Iterator[tuple[int, bytes | str, 
             by_shard[item.shard][item.id] = i
             continue
         try:
-            data = item.file.read_bytes()
+            data = read_image_file(item.file, item.root)
             yield i, data, hashlib.sha256(data).hexdigest()
         except OSError as e:
-            yield i, f"cannot read {item.file}: {e.strerror or e}", ""
+            yield i, f"cannot read: {e.strerror or type(e).__name__}", ""
+        except RefusedFile as e:
+            yield i, str(e), ""
     for shard, wanted in by_shard.items():
         try:
             for key, _, parts in read_shard(shard):
@@ -212,7 +219,7 @@ def _item_bytes(items: list[HospitalImage]) -> Iterator[tuple[int, bytes | str, 
                     yield wanted.pop(key), image if image is not None else f"sample {key} has no image in {shard.name}", digest
         except (OSError, ValueError) as e:
             for i in wanted.values():
-                yield i, f"cannot read {shard}: {e}", ""
+                yield i, f"cannot read {shard.name}: {getattr(e, 'strerror', None) or type(e).__name__}", ""
             continue
         for i in wanted.values():
             yield i, f"sample not found in {shard.name}", ""
@@ -243,6 +250,14 @@ def load_images(items: list[HospitalImage], page: PageConfig, side: int, progres
     )
 
 
+def write_unreadable(report: Path, errors: list[tuple[str, str]]) -> None:
+    """`id<TAB>reason` per unreadable image into the run's own `report`; the console gets counts per reason only
+    (ids are file names, which may name patients, and consoles end up in shared job logs)."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(report, "".join(f"{item_id}\t{reason}\n" for item_id, reason in errors))
+    log.warning("left out %d unreadable images (%s); which ones: %s", len(errors), reason_counts([r for _, r in errors]), report)
+
+
 def describe(data: HospitalData) -> str:
     """One line for logs: kind, counts, classes (no patient ids)."""
     counts = defaultdict(int)
@@ -254,4 +269,4 @@ def describe(data: HospitalData) -> str:
             f"{'multi' if data.multilabel else 'single'}-label, classes {json.dumps(dict(sorted(counts.items())))}")
 
 
-__all__ = ["HospitalImage", "HospitalData", "LoadedImages", "read_hospital", "load_images", "describe", "LABELS_CSV"]
+__all__ = ["HospitalImage", "HospitalData", "LoadedImages", "read_hospital", "load_images", "write_unreadable", "describe", "LABELS_CSV"]

@@ -18,14 +18,20 @@ import numpy as np
 from PIL import Image
 
 from dist_cardio.downstream.page import GridBox, PageConfig, apply_page, prepare_page
-from dist_cardio.shard.imagecheck import BadImage, check_structure, open_image
+from dist_cardio.shard.imagecheck import BadImage, check_structure, open_image, verify_jpeg
+from dist_cardio.shard.safe_open import MAX_IMAGE_BYTES, RefusedFile, read_regular
 from dist_cardio.shard.sources import IMAGE_SUFFIXES
 
 
 def decode_image(data: bytes, max_side: int) -> Image.Image:
-    """Validated bytes → RGB image, long side at most `max_side` px; raises BadImage naming the damage."""
+    """Validated bytes → RGB image, long side at most `max_side` px; raises BadImage naming the damage.
+
+    JPEGs are entropy-decoded strictly first (as `shard` does): Pillow pads a stream cut short or damaged
+    mid-scan with grey, and the model would return confident numbers for half a page."""
     check_structure(data)
     img = open_image(data)
+    if img.format == "JPEG":
+        verify_jpeg(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if img.format == "JPEG":  # decode at reduced scale (DCT scaling): much cheaper for big scans
@@ -133,7 +139,8 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # FIFOs and devices named like images are listed too: reading refuses them, and the CSV says why.
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         elif item.exists():
             files.append(item)
         else:
@@ -141,17 +148,33 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
+def read_image_file(path: Path, root: Path | None = None) -> bytes:
+    """The bytes of one user image: regular files only (a FIFO would hang, `/dev/zero` never ends), at most
+    MAX_IMAGE_BYTES, symlinks kept inside `root`. OSError or RefusedFile, whose text names no file."""
+    return read_regular(path, MAX_IMAGE_BYTES, root)
+
+
 def read_pages(files: list[Path], *sides: int) -> tuple[list[tuple[Path, tuple[Image.Image, ...]]], list[tuple[Path, str]]]:
     """Each readable file decoded once per size in `sides` (long side at most that), and (file, reason) for the rest."""
     pages, errors = [], []
     for f in files:
         try:
-            data = f.read_bytes()
+            data = read_image_file(f)
             decoded = {side: decode_image(data, side) for side in dict.fromkeys(sides)}
             pages.append((f, tuple(decoded[side] for side in sides)))
-        except (OSError, BadImage) as e:
+        except (OSError, BadImage, RefusedFile) as e:
             errors.append((f, getattr(e, "strerror", None) or str(e)))
     return pages, errors
 
 
-__all__ = ["decode_image", "decode_side", "cache_shape", "model_image", "input_array", "InputSpec", "image_files", "read_pages"]
+def reason_counts(reasons: list[str]) -> str:
+    """``"truncated PNG: 2, not a regular file: 1"``: what the console says of unreadable files. File names stay
+    in the run's own report (CSV, audit, unreadable.txt): they may name patients, and consoles end up in job logs."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        kind = reason.split(":")[0].strip() or "unreadable"
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+__all__ = ["decode_image", "decode_side", "cache_shape", "model_image", "input_array", "InputSpec", "image_files", "read_image_file", "read_pages", "reason_counts"]

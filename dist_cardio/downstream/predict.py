@@ -22,10 +22,10 @@ from dist_cardio.config import from_dict
 from dist_cardio.data import AugmentConfig
 from dist_cardio.downstream.finetune import FORMAT
 from dist_cardio.downstream.finetune_model import targets_for
-from dist_cardio.downstream.hospital_data import load_images, read_hospital
+from dist_cardio.downstream.hospital_data import load_images, read_hospital, write_unreadable
 from dist_cardio.downstream.metrics import evaluate_predictions
 from dist_cardio.downstream.page import GridBox, PageConfig
-from dist_cardio.downstream.page_input import InputSpec
+from dist_cardio.downstream.page_input import InputSpec, reason_counts
 from dist_cardio.model import Classifier, ModelConfig, SimCardioNet
 from dist_cardio.train.checkpoint import FORMAT as CHECKPOINT_FORMAT, CheckpointError, load_weights, read_checkpoint
 
@@ -118,12 +118,14 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
 
 
 def evaluate_data(model: FinetunedModel, data: str | Path, subset: str = "auto", n_bootstrap: int = 1000,
-                  batch_size: int = 32, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  batch_size: int = 32, seed: int = 0, progress: bool = True,
+                  report: Path | None = None) -> dict[str, Any]:
     """Metrics (with bootstrap CIs) of `model` on a hospital data set, or on one split of it.
 
     `subset`: `all`; `train`/`val`/`test` (images of the model's own split, matched by content hash);
     `auto`: the model's test images when the data is the set it was fine-tuned on (its validation
-    images when it had no test split), else all images (an external hospital).
+    images when it had no test split), else all images (an external hospital). Unreadable images are
+    listed in `report` (`unreadable.txt` of the evaluation folder) when given, counted on the console.
     """
     hospital = read_hospital(data)
     known = set(model.classes)
@@ -134,8 +136,10 @@ def evaluate_data(model: FinetunedModel, data: str | Path, subset: str = "auto",
     if unknown:
         log.warning("%d images have labels the model does not know (it knows %s): left out", unknown, ", ".join(model.classes))
     loaded = load_images(items, model.page, model.image_cache, progress, model.input_shape).unique()
-    for item_id, reason in loaded.errors:
-        log.warning("left out unreadable image %s: %s", item_id, reason)
+    if loaded.errors and report is not None:
+        write_unreadable(report, loaded.errors)
+    elif loaded.errors:
+        log.warning("left out %d unreadable images (%s)", len(loaded.errors), reason_counts([r for _, r in loaded.errors]))
     splits = [model.split.get(h) for h in loaded.hashes]
     if subset == "auto":
         held_out = "test" if "test" in model.split.values() else "val"

@@ -150,7 +150,7 @@ def inspect_image(data: bytes, decode: bool = True) -> ImageInfo:
     image = open_image(data)
     info = ImageInfo(image.format, image.size)
     if decode and info.family == "jpg":
-        _decode_jpeg(data)
+        verify_jpeg(data)
     elif decode:
         try:
             with warnings.catch_warnings():
@@ -161,11 +161,9 @@ def inspect_image(data: bytes, decode: bool = True) -> ImageInfo:
     return info
 
 
-def _decode_jpeg(data: bytes) -> None:
+def verify_jpeg(data: bytes) -> None:
     """Entropy-decode all of ``data`` at 1/8 scale; BadImage on any libjpeg error or warning."""
-    # Imported here: check_structure and open_image also serve the torch-free `predict --model` path,
-    # which decodes with Pillow and whose deployment extras do not carry simplejpeg.
-    import simplejpeg
+    import simplejpeg  # imported here: shard workers that never see a JPEG do not load it
 
     try:
         colorspace = simplejpeg.decode_jpeg_header(data)[2]

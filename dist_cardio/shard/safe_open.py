@@ -18,6 +18,8 @@ _KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: 
           stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _READ_STEP = 1 << 20
+MAX_IMAGE_BYTES = 256_000_000
+"""The most bytes read from one image file (shard's default member limit): a 600-dpi A4 scan is ~30 MB."""
 
 
 class RefusedFile(ValueError):
