@@ -7,6 +7,7 @@ fill a dataclass tree from YAML and ``--set a.b=c`` overrides, so a typo never s
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -18,6 +19,11 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not match its dataclass; the message names file and key."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        """The dotted key at fault, when there is one (lets `load_config` name the `--set` that gave it)."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -39,7 +45,28 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = loaded
     for item in overrides:
         _apply_override(data, item)
-    return from_dict(cls, data, source=source)
+    try:
+        return from_dict(cls, data, source=source)
+    except ConfigError as e:
+        item = _override_of(e.key, str(e), overrides)
+        if item is None:
+            raise
+        raise ConfigError(str(e).replace(source, f"--set {item!r} (over {source})", 1), e.key) from None
+
+
+def _override_of(key: str | None, message: str, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The last ``--set`` that wrote ``key``, a section above it, or a key inside it (a section's own check);
+    for a top-level check (no key), the last ``--set`` whose key the message names."""
+    for item in reversed(overrides):
+        set_key = item.split("=", 1)[0].strip()
+        if key is None:
+            if re.search(rf"\b{re.escape(set_key)}\b", message):
+                return item
+            continue
+        base = key.split("[")[0]
+        if set_key == base or base.startswith(set_key + ".") or set_key.startswith(base + "."):
+            return item
+    return None
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -63,20 +90,21 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
     """Fill dataclass ``cls`` from ``data``; ``source``/``prefix`` only make error messages precise."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {type(data).__name__}",
+                          prefix.rstrip(".") or None)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = prefix + str(unknown[0])
-        raise ConfigError(f"{source}: unknown key '{key}' (allowed here: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{source}: unknown key '{key}' (allowed here: {', '.join(sorted(fields))})", key)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, source, prefix + name)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {e}", prefix.rstrip(".") or None) from None
 
 
 def _type_name(tp: Any) -> str:
@@ -95,7 +123,7 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     def fail() -> ConfigError:
-        return ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}", key)
 
     origin = get_origin(tp)
     if tp is Any:
@@ -128,7 +156,7 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ConfigError(f"{source}: key '{key}': expected {len(args)} values, got {len(value)}")
+                raise ConfigError(f"{source}: key '{key}': expected {len(args)} values, got {len(value)}", key)
             return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         items = [_coerce(inner, v, source, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from dist_cardio.atomic import atomic_write_json
+from dist_cardio.commands.arguments import DEVICES, at_least
 from dist_cardio.downstream.metrics import metric_text, plot_confusion_matrix
 from dist_cardio.downstream.predict import evaluate_data, load_finetuned
 
@@ -17,9 +18,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset", choices=("auto", "all", "train", "val", "test"), default="auto",
                         help="auto: the model's own test images when DATA is its fine-tuning set, else all images")
     parser.add_argument("--out", type=Path, help="folder for metrics.json and confusion_matrix.png (default: beside the checkpoint)")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--n-bootstrap", type=at_least(0), default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

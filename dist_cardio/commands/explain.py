@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dist_cardio.commands.arguments import DEVICES
 from dist_cardio.downstream.gradcam import WARN_ABOVE, explain_files
 from dist_cardio.downstream.page_input import image_files, reason_counts
 from dist_cardio.downstream.predict import load_finetuned
@@ -22,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="class to explain (default: the predicted class)")
     parser.add_argument("--warn-above", type=float, default=WARN_ABOVE,
                         help="flag images with more than this share of attention outside the ECG grid (default %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dist_cardio.commands.arguments import DEVICES, at_least
 from dist_cardio.downstream.page_input import image_files, reason_counts
 from dist_cardio.downstream.predictions import Predictor, predict_files, write_predictions
 
@@ -23,8 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", type=Path, help="best.pt of a fine-tuning run (or the run folder): PyTorch")
     source.add_argument("--model", type=Path, help="model.onnx written by `dist-cardio export`: ONNX Runtime, no PyTorch")
     parser.add_argument("--out", required=True, type=Path, help="CSV to write: path, prediction, error, p_<class>...")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -43,6 +44,8 @@ def load_model(args: argparse.Namespace) -> Predictor:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder: give the CSV file to write, e.g. --out {args.out / 'predictions.csv'}")
     model = load_model(args)
     files = image_files(args.images)
     results, errors = predict_files(model, files, args.batch_size, progress=not args.no_progress)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from dist_cardio.commands.arguments import at_least
 from dist_cardio.config import load_config
 from dist_cardio.signals.records import SAMPLE_PTBXL, InputError, read_id_list
 from dist_cardio.signals.render import RenderConfig, render_dataset
@@ -23,9 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder: images/ and labels.csv")
     parser.add_argument("--config", type=Path, help="YAML file with RenderConfig fields")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a RenderConfig field")
-    parser.add_argument("--workers", type=_at_least(1), default=_usable_cpus(),
+    parser.add_argument("--workers", type=at_least(1), default=_usable_cpus(),
                         help="render processes (default: the CPUs this process may use)")
-    parser.add_argument("--limit", type=_at_least(0), help="render only the first N records")
+    parser.add_argument("--limit", type=at_least(0), help="render only the first N records")
     parser.add_argument("--seed", type=int, default=0, help="seed for --vary and scan noise (per record, so stable)")
     parser.add_argument("--vary", action="store_true",
                         help="per image, sample dpi, grid colour, line width, rotation, noise, blur, header "
@@ -44,16 +45,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     look.add_argument("--no-header", action="store_true", help="leave out the header line (a classifier shortcut)")
     look.add_argument("--format", choices=("png", "jpg"), help="image format")
     look.add_argument("--jpeg-quality", type=int, help="JPEG quality 1-95")
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _usable_cpus() -> int:

@@ -101,6 +101,8 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
     classifier = Classifier(SimCardioNet(model_cfg), len(state["classes"]))
     load_weights(classifier, state["model"], path, fix)
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu")
     classifier.to(device).eval()
     augment = from_dict(AugmentConfig, state["augment"], source)
     return FinetunedModel(

@@ -78,9 +78,13 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest.json here (not a shard set? create one with `dist-cardio shard`)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardSetError(f"{path}: damaged manifest ({e}); restore manifest.json from a copy before reading or adding to this set") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardSetError(f"{path}: damaged manifest ({str(e)[:120]}); restore manifest.json from a copy before reading "
+                            "or adding to this set") from None
+    if not isinstance(manifest, dict):
+        raise ShardSetError(f"{path}: damaged manifest (a JSON {type(manifest).__name__}, not an object); restore "
+                            "manifest.json from a copy before reading or adding to this set")
     if manifest.get("version") != VERSION:
         raise ShardSetError(f"{path}: manifest version {manifest.get('version')!r}, this dist_cardio reads {VERSION}")
     return manifest
