@@ -262,8 +262,11 @@ def _evaluate(cfg: FinetuneConfig, classifier: Classifier, parts: _Parts, report
     """Metrics with bootstrap CIs of the best weights on the test part (validation when there is none)."""
     probs, _ = predict_batches(classifier, DataLoader(parts.subset(report_on, train=False), cfg.batch_size), multilabel,
                                device, desc=f"evaluate ({report_on})", progress=progress)
-    y_true = parts.targets[parts.indices[report_on]].numpy().astype(np.int64)
-    return evaluate_predictions(y_true, probs, classes, multilabel, cfg.threshold, cfg.n_bootstrap, cfg.seed, progress)
+    idx = parts.indices[report_on]
+    y_true = parts.targets[idx].numpy().astype(np.int64)
+    patients = [parts.loaded.items[i].patient for i in idx]
+    return evaluate_predictions(y_true, probs, classes, multilabel, cfg.threshold, cfg.n_bootstrap, cfg.seed, progress,
+                                groups=patients)
 
 
 def _summary(report_on: str, metrics: dict[str, Any], best: dict[str, Any], split: Split, loaded: LoadedImages,
@@ -295,7 +298,7 @@ def _is_multilabel(task: str, data: HospitalData) -> bool:
 
 def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, input_shape: tuple[int, int], out: Path,
                     progress: bool) -> tuple[LoadedImages, Split]:
-    """Decode every image once (`side` px wide at the input's aspect), drop byte-identical copies, split
+    """Decode every image once (`side` px wide at the input's aspect), drop copies (same bytes or same pixels), split
     without leaks; writes `split.json`."""
     log.info("%s", describe(hospital))
     loaded = load_images(hospital.items, cfg.page, side, progress, input_shape).unique()
@@ -311,7 +314,7 @@ def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, inpu
     counts = split.counts()
     if not counts["train"] or not counts["val"]:
         raise ValueError(f"{hospital.root}: the split left {counts['train']} training and {counts['val']} validation images; need both")
-    log.info("split (%s): %s%s", split.mode, counts, f", {loaded.copies} byte-identical copies used once" if loaded.copies else "")
+    log.info("split (%s): %s%s", split.mode, counts, f", {loaded.copies} copies (same bytes or pixels) used once" if loaded.copies else "")
     return loaded, split
 
 

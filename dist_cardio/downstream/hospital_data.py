@@ -6,9 +6,10 @@
 - a labelled shard set (`dist-cardio shard --labels ...`, with `manifest.json`).
 
 Images are decoded once, cropped/masked to the ECG grid (`page.py`) and shrunk to a small square working
-size, so epochs never touch full-size scans again. Every image is hashed: byte-identical copies are used
-once, and the split keeps a patient's images together. An unreadable image is reported (id and reason)
-and left out; the rest is still used.
+size, so epochs never touch full-size scans again. Every image is hashed, its bytes and its decoded pixels:
+copies (the same file, or the same picture re-encoded) are used once, and the split keeps a patient's images
+together. An unreadable image is reported (id and reason, in the run's own report) and left out; the rest is
+still used.
 """
 
 from __future__ import annotations
@@ -82,15 +83,17 @@ class LoadedImages:
     hashes: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     copies: int = 0
-    """Byte-identical repeats dropped by `unique()`."""
+    """Repeats dropped by `unique()`: the same bytes, or the same pixels in other bytes."""
+    pixels: list[str] = field(default_factory=list)
+    """sha256 of each model-ready image: equal for a re-encoded copy (other bytes, same pixels)."""
 
     def unique(self) -> LoadedImages:
-        """The first image of every content hash: a scan filed 20 times must not count 20 times in the
-        training loss or, worse, in the test metrics and their confidence intervals. Copies with other
+        """The first image of every decoded picture: a scan filed 20 times, or re-saved as another PNG, must
+        not count 20 times in the training loss or, worse, sit in train and test at once. Copies with other
         labels than the first are logged (count only: ids may name patients)."""
         first: dict[str, int] = {}
         conflicting = 0
-        for i, (h, item) in enumerate(zip(self.hashes, self.items)):
+        for i, (h, item) in enumerate(zip(self.pixels or self.hashes, self.items)):
             j = first.setdefault(h, i)
             conflicting += j != i and set(self.items[j].labels) != set(item.labels)
         if conflicting:
@@ -98,7 +101,8 @@ class LoadedImages:
                         conflicting)
         keep = sorted(first.values())
         return LoadedImages([self.items[i] for i in keep], [self.images[i] for i in keep], [self.hashes[i] for i in keep],
-                            self.errors, self.copies + len(self.items) - len(keep))
+                            self.errors, self.copies + len(self.items) - len(keep),
+                            [self.pixels[i] for i in keep] if self.pixels else [])
 
 
 def read_hospital(path: str | Path) -> HospitalData:
@@ -240,14 +244,20 @@ def load_images(items: list[HospitalImage], page: PageConfig, side: int, progres
         except BadImage as e:
             errors[i] = str(e)
             continue
-        results[i] = (img, digest)
+        results[i] = (img, digest, pixel_digest(img))
     kept = sorted(results)
     return LoadedImages(
         items=[items[i] for i in kept],
         images=[results[i][0] for i in kept],
         hashes=[results[i][1] for i in kept],
         errors=[(items[i].id, errors[i]) for i in sorted(errors)],
+        pixels=[results[i][2] for i in kept],
     )
+
+
+def pixel_digest(img: Image.Image) -> str:
+    """sha256 over an image's mode, size and pixels: what two encodings of one picture share."""
+    return hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
 
 
 def write_unreadable(report: Path, errors: list[tuple[str, str]]) -> None:

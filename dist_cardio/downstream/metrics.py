@@ -1,7 +1,11 @@
 """Classification metrics with bootstrap 95% confidence intervals, computed by scikit-learn.
 
 Hospital test sets are small (PTB-XL ids 1-500 give ~50 test records), so a point estimate alone
-misleads: every metric is reported with a percentile bootstrap interval over resampled test images.
+misleads: every metric is reported with a percentile bootstrap interval. When images come in groups
+(a patient's several ECGs), the bootstrap resamples groups, not images: the splits keep a patient's
+images together, so they are not independent draws, and resampling images narrows the intervals falsely.
+Macro means (F1, AUROC) run over the classes present in the labels, and the result says which were absent:
+a class with no positive case has no recall to average.
 Single-label: predictions are the argmax. Multi-label (PTB-XL superclasses): a class is predicted when its
 sigmoid probability reaches `threshold`; accuracy is then exact-match (subset) accuracy.
 """
@@ -31,7 +35,9 @@ def predictions(probs: np.ndarray, multilabel: bool, threshold: float = 0.5) -> 
 def point_metrics(y_true: np.ndarray, probs: np.ndarray, multilabel: bool, threshold: float = 0.5) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class precision/recall/F1/AUROC and macro AUROC for one set of predictions.
 
-    AUROC of a class absent (or always present) in `y_true` is undefined: NaN, left out of the macro mean.
+    AUROC of a class absent (or always present) in `y_true` is undefined: NaN, left out of the macro mean;
+    macro-F1 likewise averages the classes with at least one positive (an absent class's F1 is 0 by
+    convention, whatever the model does, and would pull the mean down).
     """
     n_classes = probs.shape[1]
     labels = list(range(n_classes))
@@ -50,7 +56,7 @@ def point_metrics(y_true: np.ndarray, probs: np.ndarray, multilabel: bool, thres
         auroc[defined] = roc_auc_score(onehot[:, defined], probs[:, defined], average=None)
     out: dict[str, Any] = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(f1[support > 0].mean()) if (support > 0).any() else math.nan,
         "macro_auroc": float(np.nanmean(auroc)) if np.isfinite(auroc).any() else math.nan,
         "precision": precision.astype(float),
         "recall": recall.astype(float),
@@ -86,8 +92,12 @@ def evaluate_predictions(
     n_bootstrap: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    groups: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
-    """Metrics as a JSON-ready dict: every metric is `{"value", "ci95": [lo, hi]}` (None where undefined)."""
+    """Metrics as a JSON-ready dict: every metric is `{"value", "ci95": [lo, hi]}` (None where undefined).
+
+    `groups` (e.g. pseudonymous patient ids; None entries are groups of one): the bootstrap draws groups.
+    """
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=float)
     if len(y_true) == 0:
@@ -99,8 +109,10 @@ def evaluate_predictions(
     scalar_keys = ["accuracy", "macro_f1", "macro_auroc"] + (["hamming_loss"] if multilabel else [])
     per_class_keys = ["precision", "recall", "f1", "auroc"]
     boot: dict[str, list] = {k: [] for k in scalar_keys + per_class_keys}
+    members = _group_members(groups, len(y_true))
     for _ in tqdm(range(n_bootstrap), desc="bootstrap", unit="resample", disable=not progress, leave=False):
-        idx = rng.integers(0, len(y_true), len(y_true))
+        drawn = rng.integers(0, len(members), len(members))
+        idx = drawn if len(members) == len(y_true) else np.concatenate([members[g] for g in drawn])
         m = point_metrics(y_true[idx], probs[idx], multilabel, threshold)
         for k in boot:
             boot[k].append(m[k])
@@ -109,6 +121,8 @@ def evaluate_predictions(
         "multilabel": multilabel,
         "classes": list(classes),
         "n_bootstrap": n_bootstrap,
+        "bootstrap_unit": "image" if len(members) == len(y_true) else f"group ({len(members)} groups)",
+        "absent_classes": [name for name, n in zip(classes, point["support"]) if n == 0],
     }
     if multilabel:
         result["threshold"] = threshold
@@ -128,6 +142,18 @@ def evaluate_predictions(
     else:
         result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=list(range(len(classes)))).tolist()
     return result
+
+
+def _group_members(groups: Sequence[str | None] | None, n: int) -> list[np.ndarray]:
+    """Indices per group, in first-seen order; an image without a group is a group of one."""
+    if groups is None:
+        return [np.array([i]) for i in range(n)]
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} samples")
+    members: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(("image", i) if g is None else ("group", g), []).append(i)
+    return [np.array(v) for v in members.values()]
 
 
 def plot_confusion_matrix(result: dict[str, Any], path: str) -> None:

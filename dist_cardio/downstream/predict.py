@@ -154,7 +154,8 @@ def evaluate_data(model: FinetunedModel, data: str | Path, subset: str = "auto",
     for start in tqdm(range(0, len(chosen), batch_size), desc=f"evaluate ({subset})", unit="batch", disable=not progress):
         probs.append(model.probabilities(model.tensor([loaded.images[i] for i in chosen[start : start + batch_size]])))
     metrics = evaluate_predictions(targets.numpy().astype(np.int64), np.concatenate(probs), model.classes, model.multilabel,
-                                   model.threshold, n_bootstrap, seed, progress)
+                                   model.threshold, n_bootstrap, seed, progress,
+                                   groups=[loaded.items[i].patient for i in chosen])
     metrics["subset"] = subset
     metrics["left_out"] = {"unknown_labels": unknown, "unreadable": len(loaded.errors), "copies": loaded.copies,
                            "without_label": hospital.unlabeled}

@@ -92,3 +92,31 @@ def test_undefined_auroc_is_null_and_left_out_of_the_macro_mean():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="shape"):
         evaluate_predictions(Y_SINGLE, P_SINGLE[:, :2], ["a", "b", "c"], False, n_bootstrap=0)
+
+
+def test_macro_f1_averages_the_classes_present_and_names_the_absent_ones():
+    y = np.array([0, 0, 1, 1])  # class c never occurs and is never predicted
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    r = evaluate_predictions(y, probs, ["a", "b", "c"], False, n_bootstrap=50, progress=False)
+    assert r["macro_f1"]["value"] == pytest.approx(1.0)  # not 2/3: c has no case to recall
+    assert r["absent_classes"] == ["c"] and r["per_class"]["c"]["support"] == 0
+    assert r["macro_f1"]["ci95"] == [1.0, 1.0]  # resamples missing a class do not drop to 0.5 either
+
+
+def test_bootstrap_resamples_patients_when_images_come_in_groups():
+    """12 patients × 8 images; a patient's images are all right or all wrong (what a model does with one person's
+    ECGs). Resampling images treats 96 images as independent and gives a far too narrow interval."""
+    rng = np.random.default_rng(3)
+    right = np.repeat(rng.permutation([True] * 6 + [False] * 6), 8)
+    y = np.tile([0, 1], 48)
+    probs = np.where(right[:, None], np.eye(2)[y], np.eye(2)[1 - y]) * 0.8 + 0.1
+    patients = [f"pt{i // 8}" for i in range(96)]
+    by_image = evaluate_predictions(y, probs, ["a", "b"], False, n_bootstrap=400, progress=False)
+    by_patient = evaluate_predictions(y, probs, ["a", "b"], False, n_bootstrap=400, progress=False, groups=patients)
+    assert by_image["bootstrap_unit"] == "image" and by_patient["bootstrap_unit"] == "group (12 groups)"
+    assert by_image["accuracy"]["value"] == by_patient["accuracy"]["value"] == pytest.approx(0.5)
+    width = {k: r["accuracy"]["ci95"][1] - r["accuracy"]["ci95"][0] for k, r in (("image", by_image), ("patient", by_patient))}
+    # 95 % binomial half-widths: 1.96·√(.25/96) ≈ 0.10 for images, 1.96·√(.25/12) ≈ 0.28 for patients
+    assert width["image"] < 0.25 and width["patient"] > 0.45, width
+    ungrouped = evaluate_predictions(y, probs, ["a", "b"], False, n_bootstrap=400, progress=False, groups=[None] * 96)
+    assert ungrouped["bootstrap_unit"] == "image" and ungrouped["accuracy"] == by_image["accuracy"]

@@ -134,3 +134,21 @@ def test_real_printouts_with_injected_copies_and_shared_patients(shared_data, tm
         assert all(len(s) == 1 for s in _splits_per(loaded.hashes, split.assignment).values())
         assert all(len(s) == 1 for s in _splits_per([it.patient for it in loaded.items], split.assignment).values())
         assert min(split.counts().values()) > 0
+
+
+def test_a_reencoded_copy_is_one_picture_with_its_original(shared_data, tmp_path):
+    """The same pixels in other bytes (a PNG saved again at another compression level) count once, as a byte copy
+    does, so the copy can never land in test while its original trains."""
+    from PIL import Image
+
+    sources = sorted((shared_data / "ecg-printouts").glob("*.png"))[:3]
+    for label, source in zip("abc", sources):
+        (tmp_path / label).mkdir()
+        shutil.copy(source, tmp_path / label / "original.png")
+        Image.open(source).save(tmp_path / label / "resaved.png", compress_level=1)
+        assert (tmp_path / label / "resaved.png").read_bytes() != source.read_bytes()
+    loaded = load_images(read_hospital(tmp_path).items, PageConfig(mode="none"), 64, progress=False)
+    assert len(set(loaded.hashes)) == 6 and len(set(loaded.pixels)) == 3
+    unique = loaded.unique()
+    assert [it.id for it in unique.items] == ["a/original.png", "b/original.png", "c/original.png"]
+    assert unique.copies == 3
