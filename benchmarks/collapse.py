@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--stop-at", type=int, default=60, help="cpu-small runs stop after this many steps")
     parser.add_argument("--pool", type=Path, help="a further shard set to sweep (e.g. benchmarks/ptbxl.py's pool)")
-    parser.add_argument("--sets", default="sample,printouts,clean-128,pool", help="comma-separated subset of the sets")
+    parser.add_argument("--sets", default="printouts,clean-128,sample,pool", help="comma-separated subset of the sets, in run order")
     parser.add_argument("--recipes", default="demo,cpu-small", help="comma-separated subset of: demo, cpu-small")
     parser.add_argument("--workers", type=int, default=usable_cpus())
     parser.add_argument("--json", type=Path)
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = build_sets(args.data_root, args.work, args.pool, args.workers)
     chosen = [s for s in args.sets.split(",") if s in sets]
     recipes = args.recipes.split(",")
-    plan = ([(RECIPES["demo"], "sample", None)] if "demo" in recipes else []) + \
-        ([(RECIPES["cpu-small"], s, args.stop_at) for s in chosen] if "cpu-small" in recipes else [])
+    plan = ([(RECIPES["cpu-small"], s, args.stop_at) for s in chosen] if "cpu-small" in recipes else []) + \
+        ([(RECIPES["demo"], "sample", None)] if "demo" in recipes else [])
     runs = []
     for recipe, name, stop_at in plan:
         for seed in range(args.seeds):
