@@ -121,9 +121,10 @@ def table(runs: list[dict[str, Any]]) -> str:
     head = f"{'recipe':<10} {'set':<10} {'seed':>4} {'steps':>9} {'loss first → last (chance)':<28} {'min spread':>10}  collapsed"
     lines = [head, "─" * len(head)]
     for r in runs:
+        spread = r["min_spread_after_warmup"]
         lines.append(f"{r['recipe']:<10} {r['set']:<10} {r['seed']:>4} {r['steps']:>4}/{r['schedule_steps']:<4} "
                      f"{r['loss_first']:.3f} → {r['loss_last']:.3f} ({r['chance']:.3f}){'':<6} "
-                     f"{r['min_spread_after_warmup']:>10.3f}  {'YES' if r['collapsed'] else 'no'}")
+                     f"{f'{spread:.3f}' if math.isfinite(spread) else 'n/a':>10}  {'YES' if r['collapsed'] else 'no'}")
     return "\n".join(lines)
 
 

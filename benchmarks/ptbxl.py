@@ -74,18 +74,15 @@ from dist_cardio.downstream.metrics import metric_text
 from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config
 from dist_cardio.signals.records import read_id_list
 from dist_cardio.signals.render import RenderConfig
-from signal_baseline import run_baseline, seed_stats  # benchmarks/ is on sys.path when this script runs
+# benchmarks/ is on sys.path when this script runs; the protocol (folds, test sets, metrics) is stated there once
+from signal_baseline import METRICS, SELECTION_FOLD, TEST_SETS, TRAIN_FOLDS, run_baseline, seed_stats
 
 REPO = Path(__file__).resolve().parents[1]
 LABELLED = "ptbxl-500"
 POOL_NPZ = "ptbxl-1819-preprocessed/ptbxl_1819_bp0.5-40_zscore_100hz_f16.npz"
 POOL_WFDB = "g12ec-50"
-METRICS = ("accuracy", "macro_f1", "macro_auroc")
 FRACTIONS = (100, 25)
-TEST_SETS = {"fold10": (10,), "folds9-10": (9, 10)}
 ARMS = ("pretrained", "scratch")
-SELECTION_FOLD = 9
-TRAIN_FOLDS = tuple(range(1, 9))
 
 
 @dataclass(frozen=True)
