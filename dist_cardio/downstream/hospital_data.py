@@ -93,7 +93,7 @@ class LoadedImages:
         labels than the first are logged (count only: ids may name patients)."""
         first: dict[str, int] = {}
         conflicting = 0
-        for i, (h, item) in enumerate(zip(self.pixels or self.hashes, self.items)):
+        for i, (h, item) in enumerate(zip(self.pixels, self.items)):
             j = first.setdefault(h, i)
             conflicting += j != i and set(self.items[j].labels) != set(item.labels)
         if conflicting:
@@ -102,7 +102,7 @@ class LoadedImages:
         keep = sorted(first.values())
         return LoadedImages([self.items[i] for i in keep], [self.images[i] for i in keep], [self.hashes[i] for i in keep],
                             self.errors, self.copies + len(self.items) - len(keep),
-                            [self.pixels[i] for i in keep] if self.pixels else [])
+                            [self.pixels[i] for i in keep])
 
 
 def read_hospital(path: str | Path) -> HospitalData:

@@ -110,9 +110,10 @@ def evaluate_predictions(
     per_class_keys = ["precision", "recall", "f1", "auroc"]
     boot: dict[str, list] = {k: [] for k in scalar_keys + per_class_keys}
     members = _group_members(groups, len(y_true))
+    units = len(y_true) if members is None else len(members)
     for _ in tqdm(range(n_bootstrap), desc="bootstrap", unit="resample", disable=not progress, leave=False):
-        drawn = rng.integers(0, len(members), len(members))
-        idx = drawn if len(members) == len(y_true) else np.concatenate([members[g] for g in drawn])
+        drawn = rng.integers(0, units, units)
+        idx = drawn if members is None else np.concatenate([members[g] for g in drawn])
         m = point_metrics(y_true[idx], probs[idx], multilabel, threshold)
         for k in boot:
             boot[k].append(m[k])
@@ -121,7 +122,7 @@ def evaluate_predictions(
         "multilabel": multilabel,
         "classes": list(classes),
         "n_bootstrap": n_bootstrap,
-        "bootstrap_unit": "image" if len(members) == len(y_true) else f"group ({len(members)} groups)",
+        "bootstrap_unit": "image" if members is None else f"group ({units} groups)",
         "absent_classes": [name for name, n in zip(classes, point["support"]) if n == 0],
     }
     if multilabel:
@@ -144,16 +145,17 @@ def evaluate_predictions(
     return result
 
 
-def _group_members(groups: Sequence[str | None] | None, n: int) -> list[np.ndarray]:
-    """Indices per group, in first-seen order; an image without a group is a group of one."""
+def _group_members(groups: Sequence[str | None] | None, n: int) -> list[np.ndarray] | None:
+    """Indices per group, in first-seen order (an image without a group is a group of one); None when every
+    group is a single image, so the bootstrap draws images."""
     if groups is None:
-        return [np.array([i]) for i in range(n)]
+        return None
     if len(groups) != n:
         raise ValueError(f"{len(groups)} groups for {n} samples")
     members: dict[object, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(("image", i) if g is None else ("group", g), []).append(i)
-    return [np.array(v) for v in members.values()]
+    return None if len(members) == n else [np.array(v) for v in members.values()]
 
 
 def plot_confusion_matrix(result: dict[str, Any], path: str) -> None:

@@ -86,9 +86,12 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no fine-tuned checkpoint (pass the best.pt of a `dist-cardio finetune` run)")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # before reading a model it could not run
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu")
     fix = "pass the best.pt of a `dist-cardio finetune` run"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no fine-tuned checkpoint ({fix})")
     state = read_checkpoint(path, fix)
     if state.get("format") != FORMAT:
         kind = "a pretraining checkpoint: fine-tune it first" if state.get("format") == CHECKPOINT_FORMAT else "not a dist_cardio fine-tuned model"
@@ -100,9 +103,6 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
     model_cfg = from_dict(ModelConfig, state["model_config"], source)
     classifier = Classifier(SimCardioNet(model_cfg), len(state["classes"]))
     load_weights(classifier, state["model"], path, fix)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu")
     classifier.to(device).eval()
     augment = from_dict(AugmentConfig, state["augment"], source)
     return FinetunedModel(

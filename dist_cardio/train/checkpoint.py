@@ -77,13 +77,13 @@ def read_checkpoint(path: str | Path, fix: str) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
     except OSError as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e.strerror}); {fix}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path}: unreadable checkpoint (not a regular file: a device, FIFO or folder); {fix}")
     try:
-        if path.stat().st_size == 0:
+        if st.st_size == 0:
             raise CheckpointError("empty file, 0 bytes: a copy or save cut short")
         # torch.save writes a zip with per-member CRC32s that torch.load never checks: check them
         # first, so flipped bytes are caught here instead of becoming silently wrong weights.
