@@ -16,11 +16,32 @@ import numpy as np
 import torch
 
 from dist_cardio import distributed
+from dist_cardio.config import to_dict
+from dist_cardio.model import ModelConfig
 from dist_cardio.train.checkpoint import CheckpointError, rng_state, set_rng_state
 from dist_cardio.train.engines import Engine
+from dist_cardio.train.lars import LarsConfig
+from dist_cardio.train.losses import LossConfig
 
-COMPARED_SECTIONS = ("model", "loss", "optim")
-"""Config sections a resumed run must share with the checkpoint (the rest may change, e.g. ``log_every``)."""
+SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "loss": LossConfig, "optim": LarsConfig}
+"""Config sections a resumed run must share with the checkpoint (the rest may change, e.g. ``log_every``),
+with their dataclasses (the same as ``PretrainConfig``'s fields), whose defaults :func:`same_section` reads."""
+COMPARED_SECTIONS = tuple(SECTION_TYPES)
+
+
+def same_section(section: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a checkpoint's saved config ``section`` equals this run's (both as ``to_dict`` writes them).
+
+    A key this run has and the checkpoint lacks was added to the config after the checkpoint was written;
+    it matches when this run keeps the key's default, which is the behaviour the older run had (so adding
+    an option with a behaviour-preserving default does not refuse every older checkpoint). Any other
+    difference, including a key the checkpoint has and this run lacks, is a mismatch.
+    """
+    if not set(saved) <= set(current):
+        return False
+    defaults = to_dict(SECTION_TYPES[section]())
+    return all(saved[key] == value if key in saved else key in defaults and defaults[key] == value
+               for key, value in current.items())
 
 
 class TrainState:
@@ -65,7 +86,7 @@ class TrainState:
         if state["engine"] != self.tag:
             raise CheckpointError(f"written by engine {state['engine']}, this run uses {self.tag}; {fix}")
         for section in COMPARED_SECTIONS:
-            if state["config"][section] != self.config[section]:
+            if not same_section(section, state["config"][section], self.config[section]):
                 raise CheckpointError(f"'{section}' differs from the checkpoint's; {fix}")
         lrs = state["schedule"]["lr"]
         if lrs.shape[0] != len(self.lrs) or not np.allclose(lrs.numpy(), self.lrs):
@@ -74,4 +95,4 @@ class TrainState:
             raise CheckpointError(f"at step {state['step']}, beyond this run's {len(self.lrs)} steps; {fix}")
 
 
-__all__ = ["TrainState", "COMPARED_SECTIONS"]
+__all__ = ["TrainState", "COMPARED_SECTIONS", "SECTION_TYPES", "same_section"]

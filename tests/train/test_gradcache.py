@@ -1,8 +1,13 @@
-"""gradcache.py: cached gradients equal full-batch gradients (dropout on), 1 process and 2 gloo ranks."""
+"""gradcache.py: cached gradients equal full-batch gradients (dropout on), 1 process and 2 gloo ranks, and
+the real pretraining loop at batch 256 with gradient caching equals the same run in one forward."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +16,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_cardio.distributed import DistInfo, all_reduce_mean, run_local_processes
+from dist_cardio.model import SimCardioNet, preset
+from dist_cardio.shard import ShardConfig, shard_inputs
+from dist_cardio.signals.render import RenderConfig, render_dataset
 from dist_cardio.train.gradcache import cached_contrastive_step
 from dist_cardio.train.losses import hybrid_loss
-from dist_cardio.model import SimCardioNet, preset
 
 LOSS = functools.partial(hybrid_loss, temperature=0.2, cos_weight=0.5)
 
@@ -156,3 +163,54 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
         torch.testing.assert_close(res[r]["loss0"], loss.detach(), rtol=1e-12, atol=1e-12)
         _assert_same_grads(res[r]["grads0"], _grads(full))
         _assert_same_grads(res[r]["dropout_cached"], res[r]["dropout_ref"])
+
+
+# --- the real pretraining loop at a per-rank batch of 256 ---------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_large_batch_config_is_cpu_small_at_256_with_caching():
+    from dist_cardio.train.pretrain import load_pretrain_config, make_plan
+
+    pretrain = REPO / "configs" / "pretrain"
+    large, small = load_pretrain_config(pretrain / "cpu-large-batch.yaml"), load_pretrain_config(pretrain / "cpu-small.yaml")
+    for section in ("model", "augment", "loss", "optim", "engine"):
+        assert getattr(large, section) == getattr(small, section), section
+    assert (large.data.batch_size, large.grad_cache_chunk, small.grad_cache_chunk) == (256, 32, None)
+    plan = make_plan(large, world_size=1, steps_per_epoch=10)
+    assert plan.peak_lr == pytest.approx(0.075 * 256 ** 0.5) and plan.warmup_steps == large.steps // 10
+
+
+def _pretrain(shards: Path, out: Path, chunk: str) -> None:
+    """2 steps of `dist-cardio pretrain` with the tiny config at batch 256; dropout 0 so that the chunked and
+    the one-forward runs draw no random numbers in the model (the views come from the loader's own seeds)."""
+    sets = [f"data.shards={shards}", "data.batch_size=256", "steps=2", "log_every=1", "model.dropout=0.0",
+            f"grad_cache_chunk={chunk}"]
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "dist_cardio.cli", "pretrain", "--config",
+           str(REPO / "configs" / "pretrain" / "tiny.yaml"), "--out", str(out), *(a for s in sets for a in ("--set", s))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    described = "global batch 256 (256 per rank × 1 ranks)"
+    assert described in result.stdout and f"{chunk if chunk != 'null' else 512} images per forward" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pretraining_at_batch_256_with_chunks_of_32_equals_one_forward(shared_data, tmp_path):
+    render_dataset(shared_data / "ptbxl-500", tmp_path / "rendered", RenderConfig(dpi=50, format="jpg"), limit=256)
+    shards = tmp_path / "shards"
+    shard_inputs([tmp_path / "rendered" / "images"], shards, ShardConfig(max_side=256, workers=1, progress=False))
+    _pretrain(shards, tmp_path / "cached", "32")
+    _pretrain(shards, tmp_path / "plain", "null")
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("cached", "plain")}
+    assert [r["step"] for r in rows["cached"]] == [r["step"] for r in rows["plain"]] == [1, 2]
+    for cached, plain in zip(rows["cached"], rows["plain"]):
+        assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert cached["spread"] == pytest.approx(plain["spread"], rel=1e-5)
+    weights = {name: torch.load(tmp_path / name / "checkpoints" / "latest", map_location="cpu", weights_only=True)["model"]
+               for name in ("cached", "plain")}
+    for key, plain in weights["plain"].items():
+        torch.testing.assert_close(weights["cached"][key], plain, rtol=1e-4, atol=1e-6, msg=key)

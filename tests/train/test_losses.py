@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_cardio.distributed import DistInfo, all_reduce_mean, run_local_processes
-from dist_cardio.train.losses import LossConfig, embedding_spread, hybrid_loss, make_loss, nt_xent
+from dist_cardio.train.losses import DCLW_SIGMA, LossConfig, dcl, embedding_spread, hybrid_loss, make_loss, nt_xent
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -22,6 +22,23 @@ def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Ten
         pos = (i + n) % n2
         sims = torch.stack([z[i] @ z[k] / t for k in range(n2) if k != i])
         terms.append(-(z[i] @ z[pos] / t) + torch.logsumexp(sims, dim=0))
+    return torch.stack(terms).mean()
+
+
+def reference_dcl(z1: torch.Tensor, z2: torch.Tensor, t: float, sigma: float | None = None) -> torch.Tensor:
+    """Yeh et al. 2022 written as loops: NT-Xent's terms with the positive left out of the log-sum-exp;
+    DCLW weights the positive by 2 − N·exp(cos_i/σ) / Σ_j exp(cos_j/σ) over the N pairs."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n2 = z.shape[0]
+    n = n2 // 2
+    cos = torch.stack([z[j] @ z[j + n] for j in range(n)])
+    weights = 2 - n * torch.exp(cos / sigma) / torch.exp(cos / sigma).sum() if sigma else torch.ones(n, dtype=z.dtype)
+    terms = []
+    for i in range(n2):
+        pos = (i + n) % n2
+        negs = torch.stack([z[i] @ z[k] / t for k in range(n2) if k not in (i, pos)])
+        terms.append(-weights[i % n] * (z[i] @ z[pos] / t) + torch.logsumexp(negs, dim=0))
     return torch.stack(terms).mean()
 
 
@@ -56,6 +73,53 @@ def test_nt_xent_closed_form_when_views_agree_and_images_are_orthogonal():
     z = torch.eye(n, dtype=torch.float64) * 3.0  # norms are removed by the loss
     expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + (2 * n - 2)))
     assert nt_xent(z, z.clone(), t).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [None, DCLW_SIGMA])
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_dcl_matches_reference_value_and_gradients(t, sigma):
+    a, b = _pair()
+    z1, z2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = dcl(z1, z2, t, sigma=sigma)
+    loss.backward()
+    r1, r2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = reference_dcl(r1, r2, t, sigma)
+    ref.backward()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z1.grad, r1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(z2.grad, r2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_dcl_is_nt_xent_without_the_positive_in_the_denominator():
+    n, t = 4, 0.2
+    z = torch.eye(n, dtype=torch.float64) * 3.0  # views agree, images orthogonal: every row scores alike
+    nt, decoupled = nt_xent(z, z.clone(), t), dcl(z, z.clone(), t)
+    assert decoupled.item() == pytest.approx(-1 / t + math.log(2 * n - 2), rel=1e-12)
+    # per row: −s_p + log(e^{s_p} + N) = (−s_p + log N) + log(1 + e^{s_p}/N), and e^{s_p}/N = e^{−DCL}
+    assert nt.item() == pytest.approx(decoupled.item() + math.log1p(math.exp(-decoupled.item())), rel=1e-12)
+    # equal positive similarities: DCLW's weights are all 1
+    assert dcl(z, z.clone(), t, sigma=0.5).item() == pytest.approx(decoupled.item(), rel=1e-12)
+    # collapse (every embedding the same point) sits at ln(2N − 2)
+    same = torch.ones(n, 3, dtype=torch.float64)
+    assert dcl(same, same.clone(), t).item() == pytest.approx(math.log(2 * n - 2), rel=1e-12)
+
+
+def test_dcl_kinds_through_the_config():
+    a, b = _pair()
+    torch.testing.assert_close(make_loss(LossConfig(kind="dcl", temperature=0.2, cos_weight=0.0))(a, b), dcl(a, b, 0.2))
+    torch.testing.assert_close(make_loss(LossConfig(kind="dclw", temperature=0.2, cos_weight=0.0))(a, b),
+                               reference_dcl(a, b, 0.2, DCLW_SIGMA), rtol=1e-12, atol=1e-12)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    torch.testing.assert_close(make_loss(LossConfig(kind="dcl", temperature=0.2, cos_weight=0.7))(a, b),
+                               dcl(a, b, 0.2) + 0.7 * (1 - cos).mean())
+    assert LossConfig().kind == "nt_xent"
+    with pytest.raises(ValueError, match="kind"):
+        LossConfig(kind="infonce")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dcl(a.float(), b.float(), 0.2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), dcl(a, b, 0.2), rtol=1e-6, atol=1e-6)  # autocast did not drop to bf16
 
 
 def test_nt_xent_is_symmetric_in_the_views_and_scale_invariant():
@@ -112,7 +176,9 @@ def _rank_losses(info: DistInfo, a: torch.Tensor, b: torch.Tensor) -> dict:
     rows = slice(info.rank * per, (info.rank + 1) * per)
     out = {}
     for name, fn in {"nt": lambda x, y: nt_xent(x, y, 0.2), "hybrid": lambda x, y: hybrid_loss(x, y, 0.2, 0.7),
-                     "local": lambda x, y: nt_xent(x, y, 0.2, gather=False)}.items():
+                     "local": lambda x, y: nt_xent(x, y, 0.2, gather=False),
+                     "dcl": lambda x, y: dcl(x, y, 0.2), "dclw": lambda x, y: dcl(x, y, 0.2, sigma=DCLW_SIGMA),
+                     "dcl_local": lambda x, y: dcl(x, y, 0.2, gather=False, sigma=DCLW_SIGMA)}.items():
         z1, z2 = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
         loss = fn(z1, z2)
         loss.backward()
@@ -124,7 +190,9 @@ def _rank_losses(info: DistInfo, a: torch.Tensor, b: torch.Tensor) -> dict:
 def test_two_ranks_equal_one_process_on_the_concatenated_batch():
     a, b = _pair(n=8, d=6, seed=3)
     res = run_local_processes(_rank_losses, 2, a, b)
-    for name, ref_fn in {"nt": lambda x, y: reference_nt_xent(x, y, 0.2), "hybrid": lambda x, y: reference_hybrid(x, y, 0.2, 0.7)}.items():
+    refs = {"nt": lambda x, y: reference_nt_xent(x, y, 0.2), "hybrid": lambda x, y: reference_hybrid(x, y, 0.2, 0.7),
+            "dcl": lambda x, y: reference_dcl(x, y, 0.2), "dclw": lambda x, y: reference_dcl(x, y, 0.2, DCLW_SIGMA)}
+    for name, ref_fn in refs.items():
         r1, r2 = a.clone().requires_grad_(), b.clone().requires_grad_()
         ref = ref_fn(r1, r2)
         ref.backward()
@@ -141,3 +209,5 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch():
     for rank in range(2):
         rows = slice(rank * 4, rank * 4 + 4)
         torch.testing.assert_close(res[rank]["local"]["loss"], reference_nt_xent(a[rows], b[rows], 0.2), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res[rank]["dcl_local"]["loss"], reference_dcl(a[rows], b[rows], 0.2, DCLW_SIGMA),
+                                   rtol=1e-12, atol=1e-12)
