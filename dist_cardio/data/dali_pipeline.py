@@ -44,6 +44,8 @@ class DaliBackend:
         self.plan = plan
         self.device_id = torch.cuda.current_device() if plan.device == "gpu" else None
         self._pipe: Pipeline | None = None
+        self._ahead: tuple[int, Pipeline] | None = None
+        """(epoch, pipeline) started before that epoch was asked for (training: across the epoch boundary)."""
 
     def tar_order(self, epoch: int) -> list[int]:
         """Tar positions in reading order for ``epoch``: a seeded permutation, the same on every rank."""
@@ -61,12 +63,15 @@ class DaliBackend:
         # No more batches are scheduled than the epoch has left: a pipeline lives for one epoch, so
         # DALI's usual run-ahead would decode `prefetch` batches at every epoch's end for nothing.
         depth = min(p.cfg.prefetch, remaining)
-        pipe = self._guard(epoch, lambda: self._build(epoch, restore, depth))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == epoch and start == 0 and restore is None:
+            pipe = ahead[1]  # built and scheduled while the previous epoch's last batch trained
+        else:
+            pipe = self._started(epoch, restore, depth)
         self._pipe = pipe
         start_n, stop_n = rank_span(p.shard_set.total, p.rank, p.world_size)
         last = (stop_n - start_n) - (p.batches - 1) * p.cfg.batch_size  # valid samples in an eval epoch's last batch
         try:
-            self._guard(epoch, pipe.schedule_run)  # the first call queues `depth` iterations
             scheduled = depth
             for i in range(start, p.batches):
                 outs = self._guard(epoch, pipe.outputs)
@@ -76,10 +81,20 @@ class DaliBackend:
                 if scheduled < remaining:
                     self._guard(epoch, pipe.schedule_run)
                     scheduled += 1
+                elif p.train and i == p.batches - 1:
+                    # The next epoch's first batches decode while this one trains: without it, a set of few
+                    # batches per epoch (52 printouts at batch 32: one) waits for a whole batch every epoch.
+                    self._ahead = (epoch + 1, self._started(epoch + 1, None, min(p.cfg.prefetch, p.batches)))
                 yield (*views, metas) if p.with_json else views
         finally:
             if self._pipe is pipe:
                 self._pipe = None
+
+    def _started(self, epoch: int, restore: bytes | None, depth: int) -> Pipeline:
+        """A built pipeline for ``epoch`` whose first ``depth`` batches are queued."""
+        pipe = self._guard(epoch, lambda: self._build(epoch, restore, depth))
+        self._guard(epoch, pipe.schedule_run)  # the first call queues `depth` iterations
+        return pipe
 
     def checkpoint(self) -> bytes | None:
         return self._pipe.checkpoint() if self._pipe is not None else None

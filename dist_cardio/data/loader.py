@@ -19,13 +19,17 @@ rank; it records the batch size, rank count and the settings the sample order de
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import logging
+import math
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from dist_cardio.config import to_dict
 from dist_cardio.data.augment import AugmentConfig
@@ -35,6 +39,8 @@ from dist_cardio.data.shardset import ShardDataError, ShardView, open_shard_set
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+HEADER_BYTES = 1 << 16
+"""Bytes read per sampled image to learn its format and size (JPEG and PNG headers come first)."""
 
 
 class ShardLoader:
@@ -181,10 +187,13 @@ def _plan(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int, *, 
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     if not cfg.shards:
         raise ValueError("LoaderConfig.shards is empty: set it to a shard folder (e.g. --set data.shards=PATH)")
-    backend = _resolve_backend(cfg.backend)
+    if cfg.backend != "auto":  # a setting that cannot work is named before any file is opened
+        _resolve_decode(cfg.decode, cfg.backend, _resolve_device(cfg.device, _resolve_backend(cfg.backend, [], aug)))
+    shard_set = open_shard_set(cfg.shards)
+    pages = stored_pages(shard_set)
+    backend = _resolve_backend(cfg.backend, pages, aug)
     device = _resolve_device(cfg.device, backend)
     decode = _resolve_decode(cfg.decode, backend, device)
-    shard_set = open_shard_set(cfg.shards)
     if keys is not None:
         shard_set = shard_set.select(keys)
     n, per_rank = shard_set.total, shard_set.total // world_size
@@ -195,6 +204,10 @@ def _plan(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int, *, 
         raise ShardDataError(f"{shard_set.root}: {n} samples for {world_size} ranks; use fewer ranks")
     _precheck(shard_set, cfg, rank, world_size, with_json)
     plan = LoaderPlan(shard_set, cfg, aug, rank, world_size, train, views, with_json, backend, device, decode)
+    if rank == 0 and train:
+        hint = resolution_hint(pages, aug, decode, str(shard_set.root))
+        if hint:
+            log.warning(hint)
     if rank == 0:
         log.info("loader: %s on %s (decode %s), %d samples in %d shards, %d batches of %d per rank and epoch",
                  backend, device, decode, n, len(shard_set.tars), plan.batches, cfg.batch_size)
@@ -225,13 +238,54 @@ def _backend(plan: LoaderPlan) -> Backend:
     return TorchvisionBackend(plan)
 
 
-def _resolve_backend(name: str) -> str:
+def stored_pages(shard_set: ShardView, n: int = 16) -> list[tuple[str, int, int]]:
+    """``(format, width, height)`` of up to ``n`` images spread over the set, from their headers only."""
+    samples = shard_set.all_samples()
+    samples = samples[:: max(1, len(samples) // n)][:n]
+    pages = []
+    for s in samples:
+        head = shard_set.read(dataclasses.replace(s.image, size=min(s.image.size, HEADER_BYTES)), s.shard)
+        try:
+            with Image.open(io.BytesIO(head)) as img:
+                pages.append((str(img.format), *img.size))
+        except (OSError, ValueError, SyntaxError):  # a header past HEADER_BYTES: judged by the others
+            continue
+    return pages
+
+
+def _oversized_jpegs(pages: list[tuple[str, int, int]], aug: AugmentConfig) -> bool:
+    """Most sampled pages are JPEGs with ≥ 4× the pixels the smallest crop needs (DCT scaling pays)."""
+    big = sum(f in ("JPEG", "MPO") and w * h >= 4 * aug.min_source_area() for f, w, h in pages)
+    return bool(pages) and big > len(pages) / 2
+
+
+def resolution_hint(pages: list[tuple[str, int, int]], aug: AugmentConfig, decode: str, where: str) -> str | None:
+    """A hint to re-shard with ``--max-side`` when the decoder works on ≥ 2× the pixels the views can use."""
+    full = [(w, h) for f, w, h in pages if decode != "reduced" or f not in ("JPEG", "MPO")]
+    if not full or len(full) < len(pages) / 2:
+        return None
+    w, h = sorted(full, key=lambda wh: wh[0] * wh[1])[len(full) // 2]
+    need = aug.min_source_area()
+    if w * h < 2 * need:
+        return None
+    side = 64 * math.ceil(math.sqrt(need * max(w, h) / min(w, h)) / 64)
+    return (f"{where}: pages are stored at about {w} × {h} px, {w * h / need:.1f}× the pixels that the "
+            f"{aug.size} × {aug.height} views can use, and decoding them bounds the step on a CPU. Shard a "
+            f"training-resolution copy once: dist-cardio shard <your inputs> --out <new folder> --max-side {side}")
+
+
+def _resolve_backend(name: str, pages: list[tuple[str, int, int]], aug: AugmentConfig) -> str:
+    """``auto``: DALI on a GPU (nvJPEG); on a CPU the faster decoder for these shards: the torchvision path's
+    DCT-scaled decode when most pages are JPEGs far larger than the views need (DALI's CPU decoder always
+    decodes every pixel), else DALI (``benchmarks/loader.py``)."""
     if name != "auto":
         if name == "dali" and not _dali_installed():
             raise ValueError("backend 'dali' asked for but nvidia-dali is not installed "
                              "(pip install nvidia-dali-cuda130, or set backend: torchvision)")
         return name
-    return "dali" if _dali_installed() else "torchvision"
+    if not _dali_installed():
+        return "torchvision"
+    return "torchvision" if not torch.cuda.is_available() and _oversized_jpegs(pages, aug) else "dali"
 
 
 def _dali_installed() -> bool:

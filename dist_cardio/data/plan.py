@@ -26,7 +26,10 @@ class LoaderConfig:
     num_threads: int = 2
     """DALI CPU worker threads, or DataLoader worker processes for the torchvision backend."""
     backend: Literal["auto", "dali", "torchvision"] = "auto"
-    """``auto``: DALI when it is installed, else the torchvision fallback (same augmentations)."""
+    """``auto``: DALI on a GPU (nvJPEG). On a CPU the faster decoder for the shards at hand
+    (``benchmarks/loader.py``): the torchvision path when most pages are JPEGs with ≥ 4× the pixels the
+    smallest crop needs (its DCT-scaled decode skips them; DALI's CPU decoder decodes every pixel), else
+    DALI. The torchvision fallback whenever DALI is not installed (same augmentations)."""
     device: Literal["auto", "cpu", "gpu"] = "auto"
     """Where DALI decodes and augments: ``auto`` is the GPU when CUDA is available (nvJPEG ``mixed``
     decoding, outputs on the rank's current CUDA device), else DALI's CPU-only mode."""

@@ -184,6 +184,7 @@ class TorchvisionBackend:
         self.samples = plan.shard_set.all_samples()
         self._sampler = EpochBatches()
         self._loader: DataLoader | None = None
+        self._ahead: tuple[int, Iterator[tuple]] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
         """Sample ids this rank reads in ``epoch``, in order."""
@@ -194,6 +195,18 @@ class TorchvisionBackend:
         return ids[: p.batches * p.cfg.batch_size] if p.train else ids
 
     def epoch(self, epoch: int, start: int, restore: bytes | None) -> Iterator[tuple]:
+        ahead, self._ahead = self._ahead, None
+        batches = ahead[1] if ahead is not None and ahead[0] == epoch and start == 0 else self._started(epoch, start)
+        for i in range(len(self._sampler)):
+            batch = next(batches)
+            if self.plan.train and i == len(self._sampler) - 1:
+                # Start the next epoch's batches in the workers while this last one trains (the persistent
+                # workers are idle otherwise): a set of few batches per epoch would wait for each first batch.
+                self._ahead = (epoch + 1, self._started(epoch + 1, 0))
+            yield batch
+
+    def _started(self, epoch: int, start: int) -> Iterator[tuple]:
+        """The DataLoader's iterator over ``epoch`` from batch ``start``; the workers begin at once."""
         b = self.plan.cfg.batch_size
         ids = self.order(epoch).tolist()
         self._sampler.batches = [[(epoch, i) for i in ids[j : j + b]] for j in range(start * b, len(ids), b)]
@@ -204,7 +217,7 @@ class TorchvisionBackend:
                 collate_fn=_collate, prefetch_factor=self.plan.cfg.prefetch, pin_memory=torch.cuda.is_available(),
                 persistent_workers=True, multiprocessing_context=context,
             )
-        yield from self._loader
+        return iter(self._loader)
 
     def checkpoint(self) -> bytes | None:
         return None

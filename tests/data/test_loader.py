@@ -241,6 +241,24 @@ def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(ptbxl_shards,
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size", [8, 40])
+def test_epochs_started_ahead_yield_what_a_fresh_loader_yields(ptbxl_shards, backend, batch_size):
+    # Training loaders start the next epoch while the last batch of the current one trains (at batch 40 the
+    # 48 pages give one batch per epoch, so every batch is such a last one); that must not change a pixel.
+    cfg = cfg_for(ptbxl_shards, backend, batch_size=batch_size, shuffle_buffer=16)
+    running = contrastive_loader(cfg, AUG, 0, 1)
+    continuous = []
+    for _ in range(3):  # as the trainer reads them: each pass continues with the next epoch
+        continuous += [tuple(t.clone() for t in batch) for batch in running]
+    fresh = []
+    for epoch in range(3):
+        fresh += epoch_batches(contrastive_loader(cfg, AUG, 0, 1), epoch)
+    assert len(fresh) == len(continuous)
+    for got, want in zip(continuous, fresh, strict=True):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_resume_refuses_other_settings_and_continues_after_a_finished_epoch(ptbxl_shards):
     cfg = cfg_for(ptbxl_shards, "dali")
     loader = contrastive_loader(cfg, AUG, 0, 2)
