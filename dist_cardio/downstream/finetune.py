@@ -109,8 +109,13 @@ class FinetuneConfig:
     """Architecture for `--from-scratch` runs only; a pretrained checkpoint brings its own."""
     n_bootstrap: int = 1000
     """Resamples for the test metrics' 95% confidence intervals."""
+    cache_mb: float = 4096
+    """Memory for decoded pages: each is decoded and shrunk once (``image_cache``), and kept as pixels while
+    they fit in this many MB; past that, as lossless PNG bytes decoded again per use (same pixels, ~4-8×
+    smaller), so a large hospital set does not exhaust memory."""
     workers: int = 0
-    """DataLoader worker processes (images are already decoded; 0 is fine on small sets)."""
+    """DataLoader worker processes (pages are decoded once; augmenting them costs ~10 % of a CPU step, so 0 keeps
+    the step ≥ 0.8 of the model's own speed on 2 cores: ``benchmarks/train.py``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -129,6 +134,8 @@ class FinetuneConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_cache is not None and self.image_cache < 16:
             raise ValueError(f"image_cache must be ≥ 16 px (or null), got {self.image_cache}")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be ≥ 0, got {self.cache_mb}")
         if self.n_bootstrap < 0 or self.workers < 0:
             raise ValueError(f"n_bootstrap and workers must be ≥ 0, got {self.n_bootstrap}, {self.workers}")
 
@@ -301,7 +308,7 @@ def _load_and_split(cfg: FinetuneConfig, hospital: HospitalData, side: int, inpu
     """Decode every image once (`side` px wide at the input's aspect), drop copies (same bytes or same pixels), split
     without leaks; writes `split.json`."""
     log.info("%s", describe(hospital))
-    loaded = load_images(hospital.items, cfg.page, side, progress, input_shape).unique()
+    loaded = load_images(hospital.items, cfg.page, side, progress, input_shape, cfg.cache_mb).unique()
     if loaded.errors:
         write_unreadable(out / "unreadable.txt", loaded.errors)
     if not loaded.images:

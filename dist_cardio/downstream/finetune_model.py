@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm import tqdm
 
 from dist_cardio.config import from_dict
+from dist_cardio.downstream.hospital_data import page_image
 from dist_cardio.model import Classifier, ModelConfig, ParamGroup, SimCardioNet, unfreeze_groups
 from dist_cardio.train.checkpoint import FORMAT as CHECKPOINT_FORMAT, CheckpointError, load_weights, read_checkpoint
 
@@ -88,7 +89,7 @@ def build_optimizer(groups: list[ParamGroup], stage: StageConfig, lr_decay: floa
 
 
 class ImageSet(Dataset):
-    """In-memory images with targets, through a torchvision transform."""
+    """In-memory pages (decoded, or compressed past the cache budget) with targets, through a torchvision transform."""
 
     def __init__(self, images: list, targets: torch.Tensor, transform: Any) -> None:
         self.images, self.targets, self.transform = images, targets, transform
@@ -97,7 +98,7 @@ class ImageSet(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[i]), self.targets[i]
+        return self.transform(page_image(self.images[i])), self.targets[i]
 
 
 def targets_for(labels: list[tuple[str, ...]], classes: list[str], multilabel: bool) -> torch.Tensor:

@@ -15,6 +15,7 @@ still used.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections import defaultdict
@@ -79,7 +80,7 @@ class LoadedImages:
     """
 
     items: list[HospitalImage]
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[Image.Image | CompressedPage] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     copies: int = 0
@@ -230,11 +231,13 @@ def _item_bytes(items: list[HospitalImage]) -> Iterator[tuple[int, bytes | str, 
 
 
 def load_images(items: list[HospitalImage], page: PageConfig, side: int, progress: bool = True,
-                input_shape: tuple[int, int] | None = None) -> LoadedImages:
+                input_shape: tuple[int, int] | None = None, cache_mb: float | None = None) -> LoadedImages:
     """Decode, hash and shrink every image (to `model_image`'s geometry); unreadable ones land in
-    `errors`, the rest keep their order."""
-    results: dict[int, tuple[Image.Image, str]] = {}
+    `errors`, the rest keep their order. With `cache_mb`, pages past that many MB of pixels are kept as
+    `CompressedPage`s (lossless), so the set's memory stays near the budget however many pages it has."""
+    results: dict[int, tuple[Image.Image | CompressedPage, str, str]] = {}
     errors: dict[int, str] = {}
+    budget = None if cache_mb is None else cache_mb * 2**20
     for i, data, digest in tqdm(_item_bytes(items), total=len(items), desc="read images", unit="img", disable=not progress):
         if isinstance(data, str):
             errors[i] = data
@@ -244,7 +247,11 @@ def load_images(items: list[HospitalImage], page: PageConfig, side: int, progres
         except BadImage as e:
             errors[i] = str(e)
             continue
-        results[i] = (img, digest, pixel_digest(img))
+        pixels = pixel_digest(img)
+        if budget is not None:
+            budget -= len(img.getbands()) * img.width * img.height
+            img = img if budget >= 0 else CompressedPage.of(img)
+        results[i] = (img, digest, pixels)
     kept = sorted(results)
     return LoadedImages(
         items=[items[i] for i in kept],
@@ -253,6 +260,30 @@ def load_images(items: list[HospitalImage], page: PageConfig, side: int, progres
         errors=[(items[i].id, errors[i]) for i in sorted(errors)],
         pixels=[results[i][2] for i in kept],
     )
+
+
+class CompressedPage:
+    """A decoded page held as PNG bytes (fast level 1: ~4-8× smaller for ECG pages), decoded again per use
+    with the same pixels; what a memory-bounded page cache keeps once its budget is spent."""
+
+    def __init__(self, data: bytes, size: tuple[int, int]) -> None:
+        self.data, self.size = data, size
+
+    @classmethod
+    def of(cls, img: Image.Image) -> CompressedPage:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        return cls(buf.getvalue(), img.size)
+
+    def image(self) -> Image.Image:
+        with Image.open(io.BytesIO(self.data)) as img:
+            img.load()
+            return img.copy() if img.mode == "RGB" else img.convert("RGB")
+
+
+def page_image(page: Image.Image | CompressedPage) -> Image.Image:
+    """The pixels of a cached page, whichever way the cache holds it."""
+    return page.image() if isinstance(page, CompressedPage) else page
 
 
 def pixel_digest(img: Image.Image) -> str:
