@@ -9,10 +9,14 @@ scaling efficiency = throughput(2) / (2 × throughput(1)) (target ≥ 0.85). Bes
 machine's own ceiling for that ratio. The share of the step spent
 in loss + gather + LARS should stay < 10 % (they are the parts the data-parallel design adds).
 Peak memory is the process's high-water mark during one step (RSS on CPU, allocator on CUDA), one
-fresh process per row, with and without gradient caching.
+fresh process per row, with and without gradient caching. Last, "feeding" (``feeding.py``): does the real
+cpu-small loop wait for its loader, on rendered PTB-XL pages and on the real full-size printouts, and how
+close does fine-tuning come to its model's own throughput (``data_wait_share``, ``loader_images_per_s``,
+``model_only_images_per_s``, ``finetune_data_ratio``).
 
     .venv/bin/python benchmarks/train.py --quick
     .venv/bin/python benchmarks/train.py --json train.json           # both sizes, 1 and 2 processes
+    .venv/bin/python benchmarks/train.py --feeding-only --json feed.json
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +37,9 @@ from dist_cardio.train.gradcache import cached_contrastive_step
 from dist_cardio.train.lars import LarsConfig, build_lars
 from dist_cardio.train.losses import LossConfig, make_loss
 from dist_cardio.model import SimCardioNet, count_flops, count_parameters, preset
+from dist_cardio.train.pretrain import load_pretrain_config
+
+import feeding as feed  # benchmarks/ is the script's own folder
 
 H100_BF16_DENSE = 990e12  # FLOP/s, dense bf16 tensor cores (SXM datasheet)
 ASSUMED_MFU = 0.3  # a small CNN + attention at modest batch rarely does better
@@ -135,13 +143,46 @@ def gpu_estimate(size: str) -> str:
     )
 
 
+def feeding(args: argparse.Namespace) -> dict:
+    """The feeding section: the shipped cpu-small loop on real shards against its loader and model alone."""
+    steps = args.steps or (6 if args.quick else 16)
+    batch = load_pretrain_config(feed.PRETRAIN, ["data.shards=x"]).data.batch_size
+    shutil.rmtree(args.work / "runs", ignore_errors=True)
+    sets = feed.shard_sets(args.work, workers=2)
+    model = run_local_processes(throughput, 1, "cpu-small", args.engine, batch, steps, 1, timeout_s=3600)[0]["images_per_s"]
+    print(f"\nfeeding: cpu-small pretraining (batch {batch}, shipped config) on real shards; model alone {model:.1f} images/s")
+    print(f"{'shards':<12} {'loader img/s':>13} {'loop img/s':>11} {'data ms/step':>13} {'step ms':>8} {'data wait':>10}")
+    per_set = {}
+    for name, shards in sets.items():
+        loader = feed.loader_rate(shards, steps)
+        loop = feed.pretrain_feed(shards, steps, args.work / "runs")
+        per_set[name] = {"loader_images_per_s": loader, **loop}
+        print(f"{name:<12} {loader:>13.1f} {loop['images_per_s']:>11.1f} {1e3 * loop['data_s']:>13.0f} "
+              f"{1e3 * loop['step_s']:>8.0f} {loop['data_wait_share']:>10.1%}")
+    tune = feed.finetune_feed(sets["ptbxl-pages"], batches=4 if args.quick else 8)
+    print(f"fine-tuning (cpu-small, batch 16, {tune['finetune_images']} cached pages, {tune['finetune_workers']} workers): "
+          f"{tune['finetune_images_per_s']:.1f} images/s fed vs {tune['finetune_model_only_images_per_s']:.1f} model alone "
+          f"= {tune['finetune_data_ratio']:.2f} (target ≥ 0.8)")
+    worst = max(per_set.values(), key=lambda r: r["data_wait_share"])
+    return {"data_wait_share": worst["data_wait_share"], "loader_images_per_s": min(r["loader_images_per_s"] for r in per_set.values()),
+            "model_only_images_per_s": model, "feeding": per_set, **tune}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="cpu-small only, few steps, small memory table")
     parser.add_argument("--engine", choices=("deepspeed", "accelerate"), default="deepspeed")
     parser.add_argument("--steps", type=int, help="timed steps per run (default 20, --quick 5)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--feeding-only", action="store_true", help="only the feeding section (real shards, real loop)")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="pages, shards and runs of the feeding section")
     args = parser.parse_args()
+    if args.feeding_only:
+        results = {"engine": args.engine, **feeding(args)}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return
 
     sizes = {"cpu-small": 32} if args.quick else {"cpu-small": 32, "default": 8}  # per-rank batch on CPU
     steps = args.steps or (5 if args.quick else 20)
@@ -190,6 +231,7 @@ def main() -> None:
     print("\nGPU on paper:")
     for size in sizes:
         print("  " + gpu_estimate(size))
+    results.update(feeding(args))
     headline = results["sizes"]["default" if "default" in results["sizes"] else "cpu-small"]
     results.update({
         "images_per_s_1proc": headline["1proc"]["images_per_s_total"],
