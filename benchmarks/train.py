@@ -98,6 +98,12 @@ def throughput(info: DistInfo, size: str, backend: str, batch: int, steps: int, 
     return {"images_per_s": steps * batch / elapsed, "step_s": elapsed / steps, **{k: v / steps for k, v in parts.items()}}
 
 
+def throughput_at(info: DistInfo, threads: int, *args) -> dict:
+    """``throughput`` at ``threads`` intra-op threads (``run_local_processes`` starts every process at one)."""
+    torch.set_num_threads(threads)
+    return throughput(info, *args)
+
+
 def independent_pair(size: str, backend: str, batch: int, steps: int, warmup: int) -> list[float]:
     """Images/s of two single-process runs started together: what two cores give two unrelated jobs.
 
@@ -149,8 +155,11 @@ def feeding(args: argparse.Namespace) -> dict:
     batch = load_pretrain_config(feed.PRETRAIN, ["data.shards=x"]).data.batch_size
     shutil.rmtree(args.work / "runs", ignore_errors=True)
     sets = feed.shard_sets(args.work, workers=2)
-    model = run_local_processes(throughput, 1, "cpu-small", args.engine, batch, steps, 1, timeout_s=3600)[0]["images_per_s"]
-    print(f"\nfeeding: cpu-small pretraining (batch {batch}, shipped config) on real shards; model alone {model:.1f} images/s")
+    threads = torch.get_num_threads()  # what the real loop below gets: run_local_processes alone would pin one
+    model = run_local_processes(throughput_at, 1, threads, "cpu-small", args.engine, batch, steps, 1,
+                                timeout_s=3600)[0]["images_per_s"]
+    print(f"\nfeeding: cpu-small pretraining (batch {batch}, shipped config, {threads} threads) on real shards; "
+          f"model alone {model:.1f} images/s")
     print(f"{'shards':<12} {'loader img/s':>13} {'loop img/s':>11} {'data ms/step':>13} {'step ms':>8} {'data wait':>10}")
     per_set = {}
     for name, shards in sets.items():
