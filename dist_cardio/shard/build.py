@@ -1,9 +1,10 @@
 """``shard_inputs``: images from folders and archives → deduplicated, incremental WebDataset shards.
 
-Hashing, validation and any re-encoding run in a process pool; results come back in input order and the
-main process alone writes tars, so the same inputs always give the same shards. Content already in
-the set (from ``samples.jsonl`` of earlier runs) is recognised by hash in the worker before any decode,
-so re-running on the same archive costs a read and a hash per file.
+Hashing, validation and any re-encoding run in worker processes (``ImagePool``); results come back in
+input order and the main process alone writes tars, so the same inputs always give the same shards,
+whatever the number of workers. Content already in the set (from ``samples.jsonl`` of earlier runs) is
+recognised by hash in the worker before any decode, so re-running on the same archive costs a read and
+a hash per file.
 """
 
 from __future__ import annotations
@@ -14,20 +15,18 @@ import json
 import os
 import re
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from dist_cardio.shard.safe_open import RefusedFile, read_regular
-from dist_cardio.shard.imagecheck import BadImage, ImageInfo, inspect_image, open_image
+from dist_cardio.shard.imagecheck import (BadImage, ImageInfo, ImagePool, ProgressBar, inspect_image, open_image,
+                                          worker_count)
 from dist_cardio.shard.labels import label_source
 from dist_cardio.shard.manifest import ShardSet, ShardSetError, refuse_nesting
 from dist_cardio.shard.sources import ArchiveLimits, Candidate, Skipped, walk_input
@@ -84,7 +83,7 @@ class ShardConfig:
 
     @property
     def n_workers(self) -> int:
-        return self.workers or min(8, os.cpu_count() or 1)
+        return worker_count(self.workers)
 
     @property
     def limits(self) -> ArchiveLimits:
@@ -193,43 +192,16 @@ def _encode(data: bytes, info: ImageInfo, max_side: int | None, quality: int) ->
 Numbered = tuple[int, Candidate | Skipped]  # (input position, item): console lines name inputs by position
 
 
-def _numbered(inputs: list[Path], limits: ArchiveLimits) -> Iterator[Numbered]:
+def task_for(c: Candidate, cfg: ShardConfig) -> _Task:
+    """What a worker needs to ``prepare`` candidate ``c``."""
+    return _Task(c.file, c.root, c.data, cfg.limits.max_member_bytes, cfg.max_side, cfg.jpeg_quality)
+
+
+def _tasks(inputs: list[Path], cfg: ShardConfig) -> Iterator[tuple[Numbered, _Task | None]]:
+    """Every item of every input, in order, with its worker task (None for a skip found while walking)."""
     for position, root in enumerate(inputs, 1):
-        for item in walk_input(root, limits):
-            yield position, item
-
-
-def _ordered_results(
-    items: Iterable[Numbered], cfg: ShardConfig, known: frozenset[str]
-) -> Iterator[tuple[Numbered, Prepared | Known | Rejected | None]]:
-    """(item, result) in input order; at most a few tasks per worker in flight, so memory stays bounded."""
-
-    max_member = cfg.limits.max_member_bytes
-
-    def task(c: Candidate) -> _Task:
-        return _Task(c.file, c.root, c.data, max_member, cfg.max_side, cfg.jpeg_quality)
-
-    if cfg.n_workers == 1:
-        _init_worker(known)
-        for item in items:
-            yield item, prepare(task(item[1])) if isinstance(item[1], Candidate) else None
-        return
-    window: deque[tuple[Numbered, Future | None]] = deque()
-    ctx = get_context("spawn")  # no fork of a process holding tqdm's thread
-    with ProcessPoolExecutor(cfg.n_workers, mp_context=ctx, initializer=_init_worker, initargs=(known,)) as pool:
-        try:
-            for item in items:
-                fut = pool.submit(prepare, task(item[1])) if isinstance(item[1], Candidate) else None
-                window.append((item, fut))
-                while len(window) > 4 * cfg.n_workers:
-                    it, f = window.popleft()
-                    yield it, f.result() if f is not None else None
-            while window:
-                it, f = window.popleft()
-                yield it, f.result() if f is not None else None
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        for item in walk_input(root, cfg.limits):
+            yield (position, item), task_for(item, cfg) if isinstance(item, Candidate) else None
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -264,22 +236,25 @@ def _run(inputs: list[Path], out: Path, cfg: ShardConfig, labels: Any) -> dict:
     started = time.perf_counter()
     state = ShardSet.open(out, cfg.prefix)
     packer = _Packer(state, out, cfg, labels)
-    bar = tqdm(unit="file", desc=f"shard → {out.name}", disable=not cfg.progress, dynamic_ncols=True)
     try:
         _begin_run(state, out, inputs, cfg)
-        results = _ordered_results(_numbered(inputs, cfg.limits), cfg, frozenset(state.seen))
-        for (position, item), result in results:
-            bar.update(1)
-            if packer.take(position, item, result) and packer.counts["added"] % 64 == 0:
-                c = packer.counts
-                bar.set_postfix(added=c["added"], dup=c["duplicates"], skip=c["skipped"], refresh=False)
-        packer.flush()
-        state.finish()
+        # The pool before the bar: workers fork only from a process without threads.
+        with ImagePool(cfg.workers, _init_worker, (frozenset(state.seen),), private_fds=(state.lock_fd,)) as pool:
+            bar = ProgressBar(unit="file", desc=f"shard → {out.name}", disable=not cfg.progress, dynamic_ncols=True)
+            try:
+                for (position, item), result in pool.ordered(prepare, _tasks(inputs, cfg)):
+                    bar.update(1)
+                    if packer.take(position, item, result) and packer.counts["added"] % 64 == 0:
+                        c = packer.counts
+                        bar.set_postfix(added=c["added"], dup=c["duplicates"], skip=c["skipped"], refresh=False)
+            finally:
+                bar.close()
+            pool.release()  # the workers exit while the last shard is written
+            packer.flush(last=True)
     except BaseException:
         packer.abort()
         raise
     finally:
-        bar.close()
         state.close()
     run = state.manifest["runs"][-1]
     return {
@@ -379,11 +354,13 @@ class _Packer:
         self.state.add_sample({"key": result.key, "shard": None, "label": label, "meta": meta, "source": doc["source"]})
         self.counts["added"] += 1
 
-    def flush(self) -> None:
-        """Finish the open shard (if any) and commit it to the manifest."""
+    def flush(self, last: bool = False) -> None:
+        """Finish the open shard (if any) and commit it to the manifest; with ``last`` also end the run."""
         if self.writer is not None:
-            self.state.commit(self.writer.finish())
+            self.state.commit(self.writer.finish(), last=last)
             self.writer = None
+        elif last:
+            self.state.finish()
 
     def abort(self) -> None:
         if self.writer is not None:

@@ -303,8 +303,9 @@ class ShardSet:
         self._pending_skips.append({"source": source.as_dict(), "reason": reason})
         return True
 
-    def commit(self, record: ShardRecord) -> None:
-        """After ``record``'s tar and index are in place: log its samples, then rewrite the manifest."""
+    def commit(self, record: ShardRecord, last: bool = False) -> None:
+        """After ``record``'s tar and index are in place: log its samples, then rewrite the manifest. With
+        ``last`` it also ends the run, as ``finish()`` would, in the same single manifest write."""
         if len(self._pending_samples) != record.count:
             raise RuntimeError(f"{record.name}: {record.count} samples written but {len(self._pending_samples)} pending")
         samples, self._pending_samples = self._pending_samples, []
@@ -315,6 +316,8 @@ class ShardSet:
         if self._run is not None:
             self._run["added"] += record.count
             self._run["shards"].append(record.name)
+            if last:
+                self._run["finished"] = _now()
         self._flush(samples)
 
     def finish(self) -> None:
@@ -322,7 +325,7 @@ class ShardSet:
         if self._pending_samples:
             raise RuntimeError("finish() with samples of an unfinished shard")
         if self._run is not None:
-            self._run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self._run["finished"] = _now()
         self._flush([])
 
     def _note_label(self, label: str | list[str] | None) -> None:
@@ -352,8 +355,17 @@ class ShardSet:
         }
         atomic_write_bytes(self.out / MANIFEST, (json.dumps(m, indent=1) + "\n").encode())
 
+    @property
+    def lock_fd(self) -> int:
+        """The descriptor holding the set's lock (a forked worker closes its copy)."""
+        return self._lock_fd
+
     def close(self) -> None:
         os.close(self._lock_fd)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _new_manifest(prefix: str) -> dict:

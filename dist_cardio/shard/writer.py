@@ -2,7 +2,9 @@
 
 A shard is written under a temporary name that the shard glob never matches (``.NAME.partial``),
 fsynced, then renamed; its index follows the same way. A run killed at any moment therefore leaves
-only complete shards. The tar is written by hand (512-byte ustar headers, fixed owner and mtime) so
+only complete shards. While a shard grows, a background thread hands each further ``WRITEBACK_BYTES`` to
+the disk (``fdatasync``), so the disk writes while images are still being validated and the final fsync
+waits only for the tail. The tar is written by hand (512-byte ustar headers, fixed owner and mtime) so
 the data offsets for the index are known without re-reading, and the same input gives the same bytes.
 A write that fails (full disk) removes its temporary file and raises an OSError naming the target.
 """
@@ -14,6 +16,7 @@ import hashlib
 import os
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # GNU tar and Python's tarfile pad archives to whole records
 INDEX_VERSION = "v1.2"  # DALI wds2idx format
 PARTIAL_SUFFIX = ".partial"
+WRITEBACK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,9 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self.offset = 0
         self.samples: list[tuple[Component, ...]] = []
+        self._handed = 0  # bytes handed to the background fdatasync
+        self._writeback: Future | None = None
+        self._thread: ThreadPoolExecutor | None = None
 
     @property
     def count(self) -> int:
@@ -168,6 +175,23 @@ class ShardWriter:
             self._write(data)
             self._write(b"\0" * _padding(len(data), TAR_BLOCK))
         self.samples.append(tuple(entries))
+        if self.offset - self._handed >= WRITEBACK_BYTES and (self._writeback is None or self._writeback.done()):
+            self._finish_writeback()  # raises what the previous one met (a full disk)
+            self._file.flush()
+            self._thread = self._thread or ThreadPoolExecutor(1, thread_name_prefix="shard-writeback")
+            self._writeback = self._thread.submit(os.fdatasync, self._file.fileno())
+            self._handed = self.offset
+
+    def _finish_writeback(self, stop: bool = False) -> None:
+        """Wait for the background fdatasync (re-raising its error); with ``stop`` also end its thread."""
+        try:
+            if self._writeback is not None:
+                self._writeback.result()
+        finally:
+            self._writeback = None
+            if stop and self._thread is not None:
+                self._thread.shutdown()
+                self._thread = None
 
     def finish(self) -> ShardRecord:
         """Close the tar, rename it into place, then write its index (also atomically)."""
@@ -175,6 +199,7 @@ class ShardWriter:
             self._write(b"\0" * (2 * TAR_BLOCK))
             self._write(b"\0" * _padding(self.offset, TAR_RECORD))
             self._file.flush()
+            self._finish_writeback(stop=True)
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self.tmp, self.path)
@@ -185,6 +210,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the unfinished shard (on an error in the run; a kill leaves the temporary file to the next run)."""
+        try:
+            self._finish_writeback(stop=True)
+        except OSError:  # the error being handled already says what went wrong
+            pass
         try:
             self._file.close()
         except OSError:  # the final flush fails again on a full disk; the file is closed and dropped anyway
