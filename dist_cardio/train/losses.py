@@ -17,6 +17,7 @@ The loss is computed in (at least) float32 with autocast disabled, whatever the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -167,9 +168,15 @@ def embedding_spread(z: torch.Tensor) -> torch.Tensor:
         return F.normalize(z.detach().float(), dim=1).std(dim=0).mean() * z.shape[1] ** 0.5
 
 
+def collapsed_loss(kind: str, global_batch: int) -> float:
+    """The contrastive term of a collapsed network (every embedding equal; the cosine term is then 0):
+    ln(2B − 1) for NT-Xent, whose denominator keeps the positive, ln(2B − 2) for DCL/DCLW."""
+    return math.log(2 * global_batch - (1 if kind == "nt_xent" else 2))
+
+
 def make_loss(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss_fn(z1, z2)`` for the trainer and :func:`dist_cardio.train.gradcache.cached_contrastive_step`."""
     return partial(hybrid_loss, temperature=cfg.temperature, cos_weight=cfg.cos_weight, gather=cfg.gather, kind=cfg.kind)
 
 
-__all__ = ["LossConfig", "DCLW_SIGMA", "nt_xent", "dcl", "hybrid_loss", "embedding_spread", "make_loss"]
+__all__ = ["LossConfig", "DCLW_SIGMA", "nt_xent", "dcl", "hybrid_loss", "embedding_spread", "collapsed_loss", "make_loss"]

@@ -280,7 +280,7 @@ def _loop(cfg: PretrainConfig, plan: Plan, state: TrainState, manager: Checkpoin
                 log.row(row)
                 if not warned and step > plan.warmup_steps and row["spread"] < COLLAPSED_SPREAD:
                     warned = True
-                    log.text(collapse_warning(row["spread"], row["loss"], plan.global_batch))
+                    log.text(collapse_warning(row["spread"], row["loss"], plan.global_batch, cfg.loss.kind))
                 window = _Window()
             if step % cfg.checkpoint.every == 0 or last or interrupted:
                 manager.save_state(state)

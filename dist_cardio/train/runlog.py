@@ -7,9 +7,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from dist_cardio.atomic import atomic_write_text
+from dist_cardio.train.losses import collapsed_loss
 
 
 class RunLog:
@@ -65,11 +64,12 @@ COLLAPSED_SPREAD = 0.05
 """Below this :func:`~dist_cardio.train.losses.embedding_spread` after warmup, the run has collapsed."""
 
 
-def collapse_warning(spread: float, loss: float, global_batch: int) -> str:
+def collapse_warning(spread: float, loss: float, global_batch: int, kind: str = "nt_xent") -> str:
     """What a collapsed run means and what to change (printed once, after warmup)."""
     return (
         f"warning: the embeddings have collapsed (spread {spread:.3f} < {COLLAPSED_SPREAD}; loss {loss:.4f}, chance "
-        f"ln(2·{global_batch} − 1) = {np.log(2 * global_batch - 1):.4f}): every image maps to about the same point, "
+        f"ln(2·{global_batch} − {1 if kind == 'nt_xent' else 2}) = {collapsed_loss(kind, global_batch):.4f}): every "
+        "image maps to about the same point, "
         "so the network is no longer learning. The views are too different for this model and input size "
         "(raise augment.crop_scale's lower bound, soften colour jitter, or use a larger model.input_size) "
         "or the LR is too high (lower schedule.base_lr)."

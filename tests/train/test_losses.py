@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from dist_cardio.distributed import DistInfo, all_reduce_mean, run_local_processes
-from dist_cardio.train.losses import DCLW_SIGMA, LossConfig, dcl, embedding_spread, hybrid_loss, make_loss, nt_xent
+from dist_cardio.train.losses import (
+    DCLW_SIGMA, LossConfig, collapsed_loss, dcl, embedding_spread, hybrid_loss, make_loss, nt_xent,
+)
+from dist_cardio.train.runlog import collapse_warning
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -93,9 +96,11 @@ def test_dcl_is_nt_xent_without_the_positive_in_the_denominator():
     assert nt.item() == pytest.approx(decoupled.item() + math.log1p(math.exp(-decoupled.item())), rel=1e-12)
     # equal positive similarities: DCLW's weights are all 1
     assert dcl(z, z.clone(), t, sigma=0.5).item() == pytest.approx(decoupled.item(), rel=1e-12)
-    # collapse (every embedding the same point) sits at ln(2N − 2)
+    # collapse (every embedding the same point) sits at ln(2N − 2), NT-Xent's at ln(2N − 1): what the warning quotes
     same = torch.ones(n, 3, dtype=torch.float64)
-    assert dcl(same, same.clone(), t).item() == pytest.approx(math.log(2 * n - 2), rel=1e-12)
+    for kind, loss in (("dcl", dcl(same, same.clone(), t)), ("nt_xent", nt_xent(same, same.clone(), t))):
+        assert loss.item() == pytest.approx(collapsed_loss(kind, n), rel=1e-12)
+        assert f"= {collapsed_loss(kind, n):.4f}" in collapse_warning(0.01, loss.item(), n, kind)
 
 
 def test_dcl_kinds_through_the_config():
