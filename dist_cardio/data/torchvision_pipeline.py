@@ -216,6 +216,9 @@ class TorchvisionBackend:
                 SampleViews(self.plan, self.samples), batch_sampler=self._sampler, num_workers=self.plan.cfg.num_threads,
                 collate_fn=_collate, prefetch_factor=self.plan.cfg.prefetch, pin_memory=torch.cuda.is_available(),
                 persistent_workers=True, multiprocessing_context=context,
+                # Its own generator: an iterator's worker base seed must not be drawn from the global RNG, whose
+                # state a checkpoint restores (a resumed run would draw at another step and train differently).
+                generator=torch.Generator().manual_seed(self.plan.cfg.seed),
             )
         return iter(self._loader)
 
