@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -218,12 +219,18 @@ class TorchvisionBackend:
                 persistent_workers=True, multiprocessing_context=context,
                 # Its own generator: an iterator's worker base seed must not be drawn from the global RNG, whose
                 # state a checkpoint restores (a resumed run would draw at another step and train differently).
-                generator=torch.Generator().manual_seed(self.plan.cfg.seed),
+                generator=torch.Generator().manual_seed(self.plan.cfg.seed), worker_init_fn=_ignore_sigterm,
             )
         return iter(self._loader)
 
     def checkpoint(self) -> bytes | None:
         return None
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """SIGTERM (SLURM preemption, scancel, a launcher) reaches the whole process group: a worker that died of it
+    would fail the trainer's step before it could save. The trainer finishes its step and stops the workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _uniform(lo: float, hi: float) -> float:
