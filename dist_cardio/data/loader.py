@@ -187,13 +187,14 @@ def _plan(cfg: LoaderConfig, aug: AugmentConfig, rank: int, world_size: int, *, 
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     if not cfg.shards:
         raise ValueError("LoaderConfig.shards is empty: set it to a shard folder (e.g. --set data.shards=PATH)")
-    if cfg.backend != "auto":  # a setting that cannot work is named before any file is opened
-        _resolve_decode(cfg.decode, cfg.backend, _resolve_device(cfg.device, _resolve_backend(cfg.backend, [], aug)))
+    auto = cfg.backend == "auto"
+    if not auto:  # a setting that cannot work is named before any file is opened
+        backend, device, decode = _resolve(cfg, [], aug)
     shard_set = open_shard_set(cfg.shards)
-    pages = stored_pages(shard_set)
-    backend = _resolve_backend(cfg.backend, pages, aug)
-    device = _resolve_device(cfg.device, backend)
-    decode = _resolve_decode(cfg.decode, backend, device)
+    # Page headers are read only where they decide something: auto's choice, or rank 0's --max-side hint.
+    pages = stored_pages(shard_set) if auto or (rank == 0 and train) else []
+    if auto:
+        backend, device, decode = _resolve(cfg, pages, aug)
     if keys is not None:
         shard_set = shard_set.select(keys)
     n, per_rank = shard_set.total, shard_set.total // world_size
@@ -236,6 +237,13 @@ def _backend(plan: LoaderPlan) -> Backend:
     from dist_cardio.data.torchvision_pipeline import TorchvisionBackend
 
     return TorchvisionBackend(plan)
+
+
+def _resolve(cfg: LoaderConfig, pages: list[tuple[str, int, int]], aug: AugmentConfig) -> tuple[str, str, str]:
+    """(backend, device, decode) of this config for shards holding ``pages``."""
+    backend = _resolve_backend(cfg.backend, pages, aug)
+    device = _resolve_device(cfg.device, backend)
+    return backend, device, _resolve_decode(cfg.decode, backend, device)
 
 
 def stored_pages(shard_set: ShardView, n: int = 16) -> list[tuple[str, int, int]]:
