@@ -13,10 +13,12 @@ full output resolution, so views are the same and a 2339×1654 page costs ~4× f
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import signal
 import sys
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -221,15 +223,42 @@ class TorchvisionBackend:
                 # state a checkpoint restores (a resumed run would draw at another step and train differently).
                 generator=torch.Generator().manual_seed(self.plan.cfg.seed), worker_init_fn=_ignore_sigterm,
             )
-        return iter(self._loader)
+        batches = iter(self._loader)
+        _with_workers.add(self)
+        return batches
 
     def checkpoint(self) -> bytes | None:
         return None
 
+    def close(self) -> None:
+        """Stop the workers now. They ignore SIGTERM, so the DataLoader's own shutdown, whose last resort is
+        terminate(), cannot be left to multiprocessing's exit hook: it would wait on them forever."""
+        loader, self._loader, self._ahead = self._loader, None, None
+        batches = getattr(loader, "_iterator", None)
+        if batches is None:
+            return
+        batches._shutdown_workers()
+        for worker in batches._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+
+def _close_all() -> None:
+    for backend in list(_with_workers):
+        backend.close()
+
+
+# Backends whose workers may be alive. Registered here, after multiprocessing's own exit hook (torch imports
+# it first), so this one runs before it: atexit runs hooks last-registered first.
+_with_workers: weakref.WeakSet[TorchvisionBackend] = weakref.WeakSet()
+atexit.register(_close_all)
+
 
 def _ignore_sigterm(worker_id: int) -> None:
     """SIGTERM (SLURM preemption, scancel, a launcher) reaches the whole process group: a worker that died of it
-    would fail the trainer's step before it could save. The trainer finishes its step and stops the workers."""
+    would fail the trainer's step before it could save. The trainer finishes its step and the backend's
+    ``close`` (at the latest at exit) stops the workers."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

@@ -194,6 +194,32 @@ def test_two_processes_read_disjoint_parts_covering_the_set(ptbxl_shards, backen
     assert results[0]["8"]["epochs"][0] != results[0]["8"]["epochs"][1]  # reshuffled per epoch
 
 
+WORKERS_SCRIPT = """
+import json, multiprocessing, os, signal, sys, time
+from dist_cardio.data import AugmentConfig, LoaderConfig, contrastive_loader
+cfg = LoaderConfig(shards=sys.argv[1], backend="torchvision", device="cpu", batch_size=8, num_threads=2)
+pairs = contrastive_loader(cfg, AugmentConfig(size=32), 0, 1)
+next(iter(pairs))
+workers = [p.pid for p in multiprocessing.active_children()]
+for pid in workers:
+    os.kill(pid, signal.SIGTERM)
+time.sleep(1)
+print(json.dumps({"workers": workers, "alive": [p.pid for p in multiprocessing.active_children()]}))
+"""
+
+
+def test_torchvision_workers_outlive_sigterm_and_exit_with_the_process(ptbxl_shards):
+    """SIGTERM to the process group (preemption) must not kill the workers mid-step, yet a process that ends
+    with a loader still open must not wait on them forever (multiprocessing's exit hook terminates, then joins)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", WORKERS_SCRIPT, str(ptbxl_shards)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(pids["workers"]) == 2 and sorted(pids["alive"]) == sorted(pids["workers"])
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids["workers"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_evaluation_reads_every_sample_once_across_uneven_ranks(printout_shards, backend):
     everything = [r["key"] for r in read_samples(printout_shards)]
