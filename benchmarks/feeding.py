@@ -30,6 +30,8 @@ from dist_cardio.data import contrastive_loader
 from dist_cardio.signals.records import SAMPLE_PTBXL
 from dist_cardio.train.pretrain import load_pretrain_config
 
+from batch_timing import timed  # benchmarks/ is the script's own folder
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "configs" / "pretrain" / "cpu-small.yaml"
 FINETUNE = REPO / "configs" / "finetune" / "cpu-small.yaml"
@@ -56,16 +58,7 @@ def shard_sets(work: Path, workers: int) -> dict[str, Path]:
 def loader_rate(shards: Path, batches: int, overrides: tuple[str, ...] = ()) -> float:
     """Samples/s of the shipped pretraining loader alone: ``batches`` batches after one, over epochs as needed."""
     cfg = load_pretrain_config(PRETRAIN, [f"data.shards={shards}", *overrides])
-    loader = contrastive_loader(cfg.data, cfg.augment, 0, 1)
-    seen, start = -1, 0.0
-    while seen < batches:
-        for _ in loader:
-            seen += 1
-            if seen == 0:
-                start = time.perf_counter()
-            if seen == batches:
-                break
-    return batches * cfg.data.batch_size / (time.perf_counter() - start)
+    return timed(contrastive_loader(cfg.data, cfg.augment, 0, 1), batches)["samples_per_s"]
 
 
 def pretrain_feed(shards: Path, steps: int, work: Path, overrides: tuple[str, ...] = ()) -> dict:

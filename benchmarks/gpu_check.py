@@ -44,6 +44,7 @@ from dist_cardio.downstream.predictions import predict_files, write_predictions
 from dist_cardio.signals.records import SAMPLE_PTBXL
 from dist_cardio.signals.render import RenderConfig
 from dist_cardio.train.pretrain import PretrainConfig, load_pretrain_config
+from batch_timing import timed  # benchmarks/ is on sys.path
 from gpu_check_train import REPO, CheckFailed, agree, channels_last, launch, nccl, variant  # benchmarks/ is on sys.path
 
 SHARED = REPO.parent / "shared" / "data"
@@ -180,25 +181,12 @@ def dali_decode(shards: Path, device: str, threads: int, batch: int = 32) -> dic
     return {"images_per_s": (runs - 1) * batch / (time.perf_counter() - start), "threads": threads}
 
 
-def dali_views(cfg: PretrainConfig, device: str, batch: int = 32, timed: int = 10) -> dict[str, Any]:
-    """Images/s of the project's DALI loader (two augmented views per image) on ``device`` (``cpu``/``gpu``):
-    ``timed`` batches after a warm-up one, over as many epochs as they take (a small set is not timed on a
-    few stragglers)."""
+def dali_views(cfg: PretrainConfig, device: str, batch: int = 32, batches: int = 10) -> dict[str, Any]:
+    """Images/s of the project's DALI loader (two augmented views per image) on ``device`` (``cpu``/``gpu``),
+    timed by ``batch_timing.timed`` (fixed batches over epochs: a small set is not timed on a few stragglers)."""
     data = dataclasses.replace(cfg.data, backend="dali", device=device, batch_size=batch)
     loader = contrastive_loader(data, cfg.augment, 0, 1)
-    seen, n, start = -1, 0, 0.0
-    while seen < timed:
-        for view1, _ in loader:  # the rest of the current epoch, then the next
-            seen += 1
-            if seen == 0:
-                _sync_all(device == "gpu")
-                start = time.perf_counter()
-                continue
-            n += len(view1)
-            if seen == timed:
-                break
-    _sync_all(device == "gpu")
-    return {"images_per_s": n / (time.perf_counter() - start), "decode": loader.plan.decode,
+    return {"images_per_s": timed(loader, batches)["samples_per_s"], "decode": loader.plan.decode,
             "views": "x".join(map(str, cfg.augment.shape))}
 
 

@@ -49,6 +49,8 @@ from dist_cardio.signals.records import SAMPLE_PTBXL
 from dist_cardio.signals.render import RenderConfig, render_dataset
 from dist_cardio.train.pretrain import load_pretrain_config
 
+from batch_timing import timed  # benchmarks/ is the script's own folder
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pretrain" / "cpu-small.yaml"
 DATA = REPO.parent / "shared" / "data"
@@ -98,40 +100,6 @@ def auto_choice(shards: Path, data: LoaderConfig, aug: AugmentConfig) -> tuple[t
 
 
 # --- timing ----------------------------------------------------------------------------------------------
-
-
-def timed(loader: ShardLoader, batches: int) -> dict:
-    """Samples/s over ``batches`` batches after one warm-up batch, crossing epoch ends as often as it takes."""
-    if batches < 1 or len(loader) < 1:
-        raise ValueError(f"need batches >= 1 and a loader with at least one batch per epoch "
-                         f"(got {batches} and {len(loader)})")
-    shape = (loader.plan.cfg.batch_size, 3, *loader.plan.aug.shape)
-    first_epoch = loader.epoch
-    stream = _endless(loader)
-    try:
-        _check(next(stream), shape)  # warm-up: pipeline build, worker start-up, first fill
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(batches):
-            views = next(stream)
-            _check(views, shape)
-        if views[0].is_cuda:
-            torch.cuda.synchronize()  # DALI works on its own streams: the clock is read after them
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    finally:
-        stream.close()
-    samples = batches * shape[0]  # cpu: this process only (DALI's threads, not DataLoader workers)
-    return {"samples_per_s": samples / wall, "seconds": wall, "cpu_ms_per_sample": 1000 * cpu / samples,
-            "epochs": loader.epoch - first_epoch + 1}
-
-
-def _endless(loader: ShardLoader):
-    while True:
-        yield from loader  # iterating a finished epoch starts the next one
-
-
-def _check(views: tuple[torch.Tensor, ...], shape: tuple[int, ...]) -> None:
-    if len(views) != 2 or any(tuple(v.shape) != shape for v in views):
-        raise RuntimeError(f"loader gave {[tuple(v.shape) for v in views]}, expected two views of {shape}")
 
 
 def run_one(shards: Path, data: LoaderConfig, aug: AugmentConfig, contender: tuple[str, str, str], batches: int) -> dict:

@@ -18,7 +18,8 @@ SMALL = [f"--set={key}" for key in ("data.batch_size=8", "data.num_threads=1", "
                                     "model.input_size=64", "model.input_height=64")]
 
 
-def benchmark():
+def benchmark(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when run as a script: its siblings import
     spec = importlib.util.spec_from_file_location("loader_benchmark", REPO / "benchmarks" / "loader.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -34,8 +35,9 @@ def tiny_shards(shared_data: Path, tmp_path_factory) -> Path:
     return out
 
 
-def test_every_contender_has_a_rate_on_a_set_under_two_batches(tiny_shards: Path, tmp_path: Path) -> None:
-    bench = benchmark()
+def test_every_contender_has_a_rate_on_a_set_under_two_batches(tiny_shards: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = benchmark(monkeypatch)
     out = tmp_path / "loader.json"
     report = bench.main([f"--shards=tiny={tiny_shards}", "--batches=2", "--repeat=1", f"--json={out}", *SMALL])
     assert json.loads(out.read_text()) == report
@@ -52,6 +54,6 @@ def test_every_contender_has_a_rate_on_a_set_under_two_batches(tiny_shards: Path
     assert report["sets"]["tiny"]["loader_images_per_s"] == auto[0]["samples_per_s"] > 0
 
 
-def test_a_set_smaller_than_one_batch_is_refused(tiny_shards: Path) -> None:
+def test_a_set_smaller_than_one_batch_is_refused(tiny_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit, match="fewer than batch_size 16"):
-        benchmark().main([f"--shards=tiny={tiny_shards}", "--batches=1", "--repeat=1", *SMALL, "--set=data.batch_size=16"])
+        benchmark(monkeypatch).main([f"--shards=tiny={tiny_shards}", "--batches=1", "--repeat=1", *SMALL, "--set=data.batch_size=16"])
