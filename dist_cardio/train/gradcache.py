@@ -74,20 +74,19 @@ def cached_contrastive_step(
     backward = backward or torch.Tensor.backward
     no_sync = no_sync or contextlib.nullcontext
     b = view1.shape[0]
-    images = torch.cat([view1, view2])
     if chunk_size >= 2 * b:
-        z = model(images)
+        z = model(torch.cat([view1, view2]))
         loss = loss_fn(z[:b], z[b:])
         backward(loss)
         return loss.detach()
 
-    chunks = images.split(chunk_size)
+    chunks = _chunks(view1, view2, chunk_size)
     states, embeddings = [], []
     with torch.no_grad():
         for chunk in chunks:
             states.append(_rng_state(chunk.device))
             embeddings.append(model(chunk))
-    rng_after = _rng_state(images.device)
+    rng_after = _rng_state(view1.device)
     saved_norms = _norm_buffers(model)
 
     z = torch.cat(embeddings).detach().requires_grad_()
@@ -109,11 +108,27 @@ def cached_contrastive_step(
     # Leave the RNG where a single pass would have left it, and BatchNorm statistics as pass 1 set them.
     torch.set_rng_state(rng_after[0])
     if rng_after[1] is not None:
-        torch.cuda.set_rng_state(rng_after[1], images.device)
+        torch.cuda.set_rng_state(rng_after[1], view1.device)
     with torch.no_grad():
         for buf, copy in saved_norms:
             buf.copy_(copy)
     return loss.detach()
+
+
+def _chunks(view1: torch.Tensor, view2: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The 2B images, view1's then view2's, in chunks of ``size``, as slices of the views: one concatenated
+    copy would cost 1.1 GB at batch 256 of 512 × 352 views. Only a chunk that straddles the two is copied."""
+    b = view1.shape[0]
+    chunks = []
+    for start in range(0, 2 * b, size):
+        stop = min(start + size, 2 * b)
+        if stop <= b:
+            chunks.append(view1[start:stop])
+        elif start >= b:
+            chunks.append(view2[start - b : stop - b])
+        else:
+            chunks.append(torch.cat([view1[start:], view2[: stop - b]]))
+    return chunks
 
 
 __all__ = ["cached_contrastive_step"]
