@@ -223,9 +223,8 @@ class TorchvisionBackend:
                 # state a checkpoint restores (a resumed run would draw at another step and train differently).
                 generator=torch.Generator().manual_seed(self.plan.cfg.seed), worker_init_fn=_ignore_sigterm,
             )
-        batches = iter(self._loader)
-        _with_workers.add(self)
-        return batches
+            _with_workers.add(self)
+        return iter(self._loader)
 
     def checkpoint(self) -> bytes | None:
         return None
