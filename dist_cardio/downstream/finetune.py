@@ -35,6 +35,7 @@ from dist_cardio.downstream.hospital_data import HospitalData, LoadedImages, des
 from dist_cardio.downstream.metrics import evaluate_predictions, plot_confusion_matrix
 from dist_cardio.downstream.page import PageConfig
 from dist_cardio.downstream.splits import Split, SplitConfig, make_split, save_split
+from dist_cardio.host_memory import keep_freed_memory
 from dist_cardio.model import PRESETS, Classifier, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ def _finetune(cfg: FinetuneConfig, checkpoint: str | Path | None, hospital: Hosp
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = device_for(cfg.device)
+    keep_freed_memory(device.type)
     encoder, source = load_encoder(checkpoint, cfg)
     cache_side = cfg.image_cache or 2 * encoder.cfg.input_size
     augment = dataclasses.replace(cfg.augment, size=encoder.cfg.input_size, height=encoder.cfg.input_height)

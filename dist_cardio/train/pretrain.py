@@ -29,6 +29,7 @@ from dist_cardio import distributed
 from dist_cardio.atomic import output_lock
 from dist_cardio.config import dump_yaml, load_config, to_dict
 from dist_cardio.data import AugmentConfig, LoaderConfig, contrastive_loader
+from dist_cardio.host_memory import keep_freed_memory
 from dist_cardio.model import ModelConfig, SimCardioNet
 from dist_cardio.train.checkpoint import CheckpointConfig, CheckpointManager
 from dist_cardio.train.engines import Engine, EngineConfig, build_engine, zero_lars_refusal
@@ -174,6 +175,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or resume) as ``cfg`` says; returns a summary (steps, final loss, checkpoint, interrupted)."""
     owns_group = not distributed.is_initialized()
     info = distributed.init_distributed(require_group=cfg.engine.backend == "deepspeed")
+    keep_freed_memory(info.device.type)
     try:
         with output_lock(Path(cfg.out), "pretrain") if info.is_main else nullcontext():
             return _train(cfg, info)
