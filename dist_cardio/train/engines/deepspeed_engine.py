@@ -38,6 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder  # noqa: E402
 
 from dist_cardio.distributed import DistInfo  # noqa: E402
 from dist_cardio.train.engines import Engine, EngineConfig, zero_lars_refusal  # noqa: E402
@@ -62,6 +63,16 @@ def deepspeed_config(cfg: EngineConfig, precision: str, micro_batch: int) -> dic
     return ds
 
 
+def _skip_shm_comm() -> None:
+    """One process has nothing to all-reduce: keep DeepSpeed from compiling its shared-memory reduce op.
+
+    On a CPU, DeepSpeed builds that op with g++ when a process first sets up its comm layer, whatever the
+    world size: 26-45 s on 2 cores in every new environment (the demo's first run paid it). Its op table
+    is one module-level dict that DeepSpeed keeps for edits like this one; multi-process runs keep the op.
+    """
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 class DeepSpeedEngine(Engine):
     """:class:`dist_cardio.train.engines.Engine` over a ``deepspeed.DeepSpeedEngine``."""
 
@@ -79,6 +90,8 @@ class DeepSpeedEngine(Engine):
         self._dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.memory_format = cfg.resolved_memory_format(info.device)
         model = model.to(info.device)  # contiguous weights: see the module docstring
+        if info.world_size == 1:
+            _skip_shm_comm()
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.precision, micro_batch), dist_init_required=False
         )
