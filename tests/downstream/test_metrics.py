@@ -1,12 +1,15 @@
-"""Metrics against hand-computed references on fixed predictions, and the bootstrap's behaviour."""
+"""Metrics against hand-computed references and scikit-learn, and the bootstrap's behaviour."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score, hamming_loss, precision_recall_fscore_support, roc_auc_score
 
+from dist_cardio.downstream import metrics
 from dist_cardio.downstream.metrics import evaluate_predictions, plot_confusion_matrix, point_metrics
 
 # Six images, three classes; predictions (argmax): 0, 1, 1, 2, 2, 2.
@@ -120,3 +123,94 @@ def test_bootstrap_resamples_patients_when_images_come_in_groups():
     assert width["image"] < 0.25 and width["patient"] > 0.45, width
     ungrouped = evaluate_predictions(y, probs, ["a", "b"], False, n_bootstrap=400, progress=False, groups=[None] * 96)
     assert ungrouped["bootstrap_unit"] == "image" and ungrouped["accuracy"] == by_image["accuracy"]
+
+
+def _sklearn_metrics(y_true: np.ndarray, probs: np.ndarray, multilabel: bool, threshold: float) -> dict:
+    """The reference: scikit-learn per metric, as `point_metrics` computed it before it was vectorised."""
+    n_classes = probs.shape[1]
+    y_pred = (probs >= threshold).astype(np.int64) if multilabel else probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(n_classes)), average=None, zero_division=0)
+    onehot = y_true if multilabel else np.eye(n_classes, dtype=np.int64)[y_true]
+    auroc = np.array([roc_auc_score(onehot[:, c], probs[:, c]) if 0 < onehot[:, c].sum() < len(onehot) else math.nan
+                      for c in range(n_classes)])
+    out = {
+        "accuracy": accuracy_score(y_true, y_pred),
+        "macro_f1": f1[support > 0].mean() if (support > 0).any() else math.nan,
+        "macro_auroc": np.nanmean(auroc) if np.isfinite(auroc).any() else math.nan,
+        "precision": precision, "recall": recall, "f1": f1, "auroc": auroc, "support": support,
+    }
+    if multilabel:
+        out["hamming_loss"] = hamming_loss(y_true, y_pred)
+    return out
+
+
+def _random_case(rng: np.random.Generator, n: int, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Five classes, probabilities on a 0.1 grid (many ties); class 3 never occurs, and in multi-label class 1
+    occurs in every image (AUROC undefined both ways)."""
+    probs = rng.integers(0, 11, (n, 5)) / 10
+    if not multilabel:
+        return rng.choice([0, 1, 2, 4], n), probs
+    y = (rng.random((n, 5)) < 0.4).astype(np.int64)
+    y[:, 3], y[:, 1] = 0, 1
+    return y, probs
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_point_metrics_equal_scikit_learn(multilabel, threshold):
+    rng = np.random.default_rng(11)
+    for n in [3, 5, 8, 40, 300] * 4:  # small sets also give classes absent by chance, or a single defined AUROC
+        y, probs = _random_case(rng, n, multilabel)
+        ours, ref = point_metrics(y, probs, multilabel, threshold), _sklearn_metrics(y, probs, multilabel, threshold)
+        assert list(ours) == list(ref)
+        for k in ref:
+            assert np.allclose(ours[k], ref[k], rtol=1e-12, atol=0, equal_nan=True), (n, k, ours[k], ref[k])
+        assert isinstance(ours["accuracy"], float) and ours["support"].dtype.kind == "i"
+
+
+def _first_seen_members(groups: list) -> list[np.ndarray]:
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(("image", i) if g is None else g, []).append(i)
+    return [np.array(v) for v in members.values()]
+
+
+def _sklearn_bootstrap_cis(y, probs, multilabel, threshold, n_bootstrap, seed, groups) -> dict[str, np.ndarray]:
+    """Percentile CIs from a plain loop: one draw and one scikit-learn evaluation per resample."""
+    members = None if groups is None else _first_seen_members(groups)
+    units = len(y) if members is None else len(members)
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list] = {}
+    for _ in range(n_bootstrap):
+        drawn = rng.integers(0, units, units)
+        idx = drawn if members is None else np.concatenate([members[g] for g in drawn])
+        for k, v in _sklearn_metrics(y[idx], probs[idx], multilabel, threshold).items():
+            samples.setdefault(k, []).append(v)
+    cis = {}
+    for k, v in samples.items():
+        values = np.array(v, dtype=float).reshape(n_bootstrap, -1)
+        cis[k] = np.array([np.percentile(col[np.isfinite(col)], [2.5, 97.5]) if np.isfinite(col).any()
+                           else [math.nan, math.nan] for col in values.T])
+    return cis
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+@pytest.mark.parametrize("unit", ["image", "group"])
+def test_bootstrap_cis_equal_a_per_resample_scikit_learn_loop(multilabel, unit, monkeypatch):
+    rng = np.random.default_rng(5)
+    y, probs = _random_case(rng, 40, multilabel)
+    groups = None if unit == "image" else [None if g > 12 else f"pt{g}" for g in rng.integers(0, 16, 40)]
+    classes = list("abcde")
+    ref = _sklearn_bootstrap_cis(y, probs, multilabel, 0.4, 100, 3, groups)
+    results = [evaluate_predictions(y, probs, classes, multilabel, 0.4, 100, 3, False, groups)]
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 7 * metrics._ARRAYS_PER_CHUNK * 8 * 40)  # chunks of 7 resamples
+    results.append(evaluate_predictions(y, probs, classes, multilabel, 0.4, 100, 3, False, groups))
+    expected_unit = "image" if groups is None else f"group ({len(_first_seen_members(groups))} groups)"
+    assert results[0]["bootstrap_unit"] == expected_unit
+    for r in results:
+        for k in ["accuracy", "macro_f1", "macro_auroc"] + (["hamming_loss"] if multilabel else []):
+            assert np.allclose(np.array(r[k]["ci95"], dtype=float), ref[k][0], equal_nan=True), (k, r[k], ref[k])
+        for k in ["precision", "recall", "f1", "auroc"]:
+            ours = np.array([r["per_class"][c][k]["ci95"] for c in classes], dtype=float)
+            assert np.allclose(ours, ref[k], equal_nan=True), (k, ours, ref[k])
