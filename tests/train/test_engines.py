@@ -135,6 +135,20 @@ def test_engine_state_round_trips_through_a_weights_only_file():
         assert r["dtype"] == ("torch.bfloat16" if precision == "bf16" and backend == "deepspeed" else "torch.float32")
 
 
+def _one_deepspeed_step(info: DistInfo) -> float:
+    return _train(_fresh(info, "deepspeed"), info.rank, range(1), [0.1])[0]
+
+
+def test_a_single_process_does_not_compile_deepspeeds_shared_memory_op(tmp_path, monkeypatch):
+    # DeepSpeed compiles its CPU all-reduce op (g++, 26-45 s) into TORCH_EXTENSIONS_DIR on first use; one
+    # process has nothing to reduce, so a fresh extensions folder must stay without it.
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    (loss,) = run_local_processes(_one_deepspeed_step, 1, timeout_s=300)
+    assert torch.isfinite(torch.tensor(loss))
+    assert not list(extensions.rglob("*.so")) and not list(extensions.rglob("*.o"))
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_1_2_with_lars_is_refused(stage):
     from dist_cardio.train.engines.deepspeed_engine import DeepSpeedEngine
