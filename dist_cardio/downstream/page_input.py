@@ -24,10 +24,16 @@ from dist_cardio.shard.sources import IMAGE_SUFFIXES
 
 
 def decode_image(data: bytes, max_side: int) -> Image.Image:
-    """Validated bytes → RGB image, long side at most `max_side` px; raises BadImage naming the damage.
+    """Validated bytes → RGB image, long side at most `max_side` px; raises BadImage naming the damage."""
+    return rgb_page(load_image(data, max_side), max_side)
+
+
+def load_image(data: bytes, max_side: int) -> Image.Image:
+    """Validated bytes → the decoded image in its own mode; raises BadImage naming the damage.
 
     JPEGs are entropy-decoded strictly first (as `shard` does): Pillow pads a stream cut short or damaged
-    mid-scan with grey, and the model would return confident numbers for half a page."""
+    mid-scan with grey, and the model would return confident numbers for half a page. Not thread-safe:
+    Pillow's warnings are silenced through the process-wide filter (`rgb_page` is thread-safe)."""
     check_structure(data)
     img = open_image(data)
     if img.format == "JPEG":
@@ -40,7 +46,12 @@ def decode_image(data: bytes, max_side: int) -> Image.Image:
             img.load()
         except Exception as e:  # Pillow raises many types for damaged data
             raise BadImage(f"undecodable {img.format}: {e}") from None
-    if img.mode in ("RGBA", "LA", "P", "PA"):  # transparent areas are paper, not black
+    return img
+
+
+def rgb_page(img: Image.Image, max_side: int) -> Image.Image:
+    """A loaded image → RGB on white paper (transparent areas are paper, not black), long side ≤ `max_side`."""
+    if img.mode in ("RGBA", "LA", "P", "PA"):
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
@@ -177,4 +188,4 @@ def reason_counts(reasons: list[str]) -> str:
     return ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-__all__ = ["decode_image", "decode_side", "cache_shape", "model_image", "input_array", "InputSpec", "image_files", "read_image_file", "read_pages", "reason_counts"]
+__all__ = ["decode_image", "load_image", "rgb_page", "decode_side", "cache_shape", "model_image", "input_array", "InputSpec", "image_files", "read_image_file", "read_pages", "reason_counts"]
