@@ -18,9 +18,9 @@ import hashlib
 import io
 import json
 import logging
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from dist_cardio.atomic import atomic_write_text
 from dist_cardio.downstream.page import PageConfig
 from dist_cardio.downstream.page_input import decode_side, load_image, model_image, read_image_file, reason_counts, rgb_page
-from dist_cardio.shard.imagecheck import BadImage, worker_count
+from dist_cardio.shard.imagecheck import BadImage, in_order, worker_count
 from dist_cardio.shard.safe_open import RefusedFile
 from dist_cardio.shard.labels import parse_label, read_label_rows
 from dist_cardio.shard.manifest import read_samples
@@ -270,34 +270,27 @@ def _shrunk_pages(items: list[HospitalImage], page: PageConfig, side: int, input
     per thread are in flight, so memory stays bounded however large the set."""
     decoded_side = decode_side(page, side)
 
-    def shrink(img: Image.Image) -> tuple[Image.Image, str]:
-        copy = model_image(rgb_page(img, decoded_side), page, side, input_shape=input_shape)
-        return copy, pixel_digest(copy)
-
-    def outcome(job: Future | str) -> tuple[Image.Image, str] | str:
+    def shrink(img: Image.Image) -> tuple[Image.Image, str] | str:
         try:
-            return job if isinstance(job, str) else job.result()
+            copy = model_image(rgb_page(img, decoded_side), page, side, input_shape=input_shape)
         except BadImage as e:
             return str(e)
+        return copy, pixel_digest(copy)
+
+    def decoded() -> Iterator[tuple[tuple[int, str, str], Image.Image | None]]:
+        """((index, error or "", file hash), the loaded image or None on an error)."""
+        for i, data, digest in _item_bytes(items):
+            if isinstance(data, str):
+                yield (i, data, digest), None
+                continue
+            try:
+                yield (i, "", digest), load_image(data, decoded_side)
+            except BadImage as e:
+                yield (i, str(e), digest), None
 
     with ThreadPoolExecutor(workers) as pool:
-        window: deque[tuple[int, Future | str, str]] = deque()
-        for i, data, digest in _item_bytes(items):
-            job: Future | str
-            if isinstance(data, str):
-                job = data
-            else:
-                try:
-                    job = pool.submit(shrink, load_image(data, decoded_side))
-                except BadImage as e:
-                    job = str(e)
-            window.append((i, job, digest))
-            while len(window) > 2 * workers:
-                done, ready, file_hash = window.popleft()
-                yield done, outcome(ready), file_hash
-        while window:
-            done, ready, file_hash = window.popleft()
-            yield done, outcome(ready), file_hash
+        for (i, error, digest), shrunk in in_order(pool, shrink, decoded(), 2 * workers):
+            yield i, error or shrunk, digest
 
 
 class CompressedPage:

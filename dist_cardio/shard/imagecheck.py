@@ -24,7 +24,7 @@ import warnings
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -319,12 +319,20 @@ class ImagePool:
             for tag, arg in items:
                 yield tag, fn(arg) if arg is not None else None
             return
-        window: deque[tuple[Tag, Future | None]] = deque()
-        for tag, arg in items:
-            window.append((tag, self._executor.submit(fn, arg) if arg is not None else None))
-            while len(window) > IN_FLIGHT_PER_WORKER * self.workers:
-                done, fut = window.popleft()
-                yield done, fut.result() if fut is not None else None
-        while window:
+        yield from in_order(self._executor, fn, items, IN_FLIGHT_PER_WORKER * self.workers)
+
+
+def in_order(executor: Executor, fn: Callable[[Arg], Result], items: Iterable[tuple[Tag, Arg | None]], ahead: int
+             ) -> Iterator[tuple[Tag, Result | None]]:
+    """``(tag, fn(arg))`` for each item, run on `executor`, in input order; an item with ``arg`` None passes
+    with None. At most `ahead` tasks are submitted before their results are taken, so memory stays bounded
+    (and `items` is read lazily: work done while producing an item stays on the calling thread)."""
+    window: deque[tuple[Tag, Future | None]] = deque()
+    for tag, arg in items:
+        window.append((tag, executor.submit(fn, arg) if arg is not None else None))
+        while len(window) > ahead:
             done, fut = window.popleft()
             yield done, fut.result() if fut is not None else None
+    while window:
+        done, fut = window.popleft()
+        yield done, fut.result() if fut is not None else None
